@@ -1,0 +1,30 @@
+"""nvlm_kernels: fused kernels for NVLM-style vision-language models.
+
+Ops (shapes in each docstring; meaning in nvlm_kernels.reference):
+    pixel_shuffle, pixel_shuffle_layernorm, multimodal_embed, varlen_attention, cross_attention
+Backends: use_backend("torch" | "triton" | "native" | "auto"), env NVLM_KERNELS_BACKEND;
+available_backends() says which are usable here and why the others are not.
+
+Importing this package touches neither CUDA, triton nor the compiled extension; they are loaded
+on first use.
+"""
+
+from ._backends import BackendStatus, available_backends, use_backend
+from .functional import (
+    cross_attention,
+    multimodal_embed,
+    pixel_shuffle,
+    pixel_shuffle_layernorm,
+    varlen_attention,
+)
+
+__all__ = [
+    "BackendStatus",
+    "available_backends",
+    "cross_attention",
+    "multimodal_embed",
+    "pixel_shuffle",
+    "pixel_shuffle_layernorm",
+    "use_backend",
+    "varlen_attention",
+]

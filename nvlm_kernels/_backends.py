@@ -1,0 +1,189 @@
+"""Backend selection: which implementation runs each op.
+
+Backends: `torch` (reference.py, always there), `triton` (nvlm_kernels/ops, GPU, or the CPU under
+TRITON_INTERPRET=1), `native` (the compiled nvlm_kernels._C ops). The choice comes from the
+innermost `use_backend(...)` block, else the NVLM_KERNELS_BACKEND environment variable, else
+"auto": for CUDA tensors triton, then native, then torch; for CPU tensors native, then torch
+(the Triton interpreter is a testing tool, never picked automatically). A backend named
+explicitly is strict: if it cannot run an op for the given device and dtype, the call raises
+instead of silently running something else, so a test that forces a backend really tests it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from . import reference
+
+BACKEND_NAMES = ("torch", "triton", "native")
+OPS = ("pixel_shuffle", "pixel_shuffle_layernorm", "multimodal_embed", "varlen_attention",
+       "cross_attention")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op; `supports` returns None or why it cannot run."""
+
+    fn: Callable
+    supports: Callable[[torch.device, torch.dtype], str | None]
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str       # why it is (not) usable
+    ops: tuple[str, ...]  # the ops it implements
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        ops = ", ".join(self.ops) if self.ops else "none yet"
+        return f"{self.name}: {state} ({self.reason}); ops: {ops}"
+
+
+def _any_device(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def _torch_implementations() -> dict[str, Implementation]:
+    return {op: Implementation(getattr(reference, op), _any_device) for op in OPS}
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_backend() -> tuple[str | None, dict[str, Implementation]]:
+    """(why unavailable or None, implementations). Imports triton only when first asked."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)", {}
+    from . import ops  # noqa: PLC0415  (imports triton)
+
+    return None, ops.triton_implementations()
+
+
+@functools.lru_cache(maxsize=None)
+def _native_backend() -> tuple[str | None, dict[str, Implementation]]:
+    from . import _native  # noqa: PLC0415
+
+    error = _native.load_error()
+    return error, ({} if error else _native.implementations())
+
+
+def _backend(name: str) -> tuple[str | None, dict[str, Implementation]]:
+    if name == "torch":
+        return None, _torch_implementations()
+    if name == "triton":
+        return _triton_backend()
+    if name == "native":
+        return _native_backend()
+    raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}")
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Which backends are usable here, why the others are not, and which ops each implements."""
+    statuses = {}
+    for name in BACKEND_NAMES:
+        error, impls = _backend(name)
+        if name == "torch":
+            reason = "eager PyTorch reference (nvlm_kernels/reference.py)"
+        elif name == "triton" and error is None:
+            if torch.cuda.is_available():
+                reason = "triton with a CUDA device"
+            elif triton_interpreter_enabled():
+                reason = "triton interpreter on the CPU (TRITON_INTERPRET=1)"
+            else:
+                error = "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"
+        elif name == "native" and error is None:
+            from . import _native  # noqa: PLC0415
+
+            reason = "nvlm_kernels._C " + ("with CUDA kernels" if _native.cuda_built()
+                                           else "with CPU kernels only")
+        statuses[name] = BackendStatus(name, error is None, error or reason, tuple(sorted(impls)))
+    return statuses
+
+
+# --------------------------------------------------------------------------------------------
+# the current choice
+
+
+_local = threading.local()
+
+
+def _requested_backend() -> str:
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    name = os.environ.get("NVLM_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"NVLM_KERNELS_BACKEND={name!r} is not a backend; choose one of auto, "
+                         f"{', '.join(BACKEND_NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on backend `name` ("auto", "torch", "triton" or "native")."""
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return ("triton", "native", "torch") if device.type == "cuda" else ("native", "torch")
+
+
+def _triton_device_error(device: torch.device) -> str | None:
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
+        return None
+    return (f"the triton backend runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 "
+            f"(set before triton is imported); got a {device.type} tensor")
+
+
+def implementation(op: str, tensor: torch.Tensor) -> Callable:
+    """The function that runs `op` for inputs on the device and with the dtype of `tensor`."""
+    requested = _requested_backend()
+    device, dtype = tensor.device, tensor.dtype
+    if requested == "auto":
+        for name in _auto_order(device):
+            error, impls = _backend(name)
+            impl = impls.get(op)
+            if error is None and impl is not None and impl.supports(device, dtype) is None:
+                return impl.fn
+        raise AssertionError("the torch backend supports every op")  # pragma: no cover
+    error, impls = _backend(requested)
+    if error is not None:
+        raise RuntimeError(f"backend {requested!r} was requested for {op} but is unavailable: "
+                           f"{error}")
+    impl = impls.get(op)
+    if impl is None:
+        have = ", ".join(sorted(impls)) or "none yet"
+        raise NotImplementedError(f"backend {requested!r} has no implementation of {op} "
+                                  f"(its ops: {have}); use the torch or auto backend")
+    why = (_triton_device_error(device) if requested == "triton" else None) or impl.supports(device, dtype)
+    if why is not None:
+        raise RuntimeError(f"backend {requested!r} cannot run {op} here: {why}")
+    return impl.fn
+
+
+def import_attr(path: str) -> Callable:
+    """'package.module:function' -> the function (used by the op registries)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)

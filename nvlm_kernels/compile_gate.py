@@ -1,0 +1,252 @@
+"""Static GPU checks that need no GPU (DESIGN.md, "Static GPU checks").
+
+Triton: every shipped kernel x config x key specialization (its `KernelSpec`, registered by the op
+modules in nvlm_kernels/ops) is compiled ahead of time for sm_80 and sm_90; the cubin's resource
+usage is read back with the cuobjdump bundled in the triton wheel. A kernel passes when it
+compiles, spills nothing to local memory (or no more than its spec's measured, commented
+allowance), fits the card's shared memory, and, where the spec says so, its dots use wgmma on sm_90.
+
+CUDA C++: every csrc/**/*.cu file is compiled with `nvcc -Xptxas -v` for the same archs and the
+ptxas report (registers, spills, shared memory) is parsed the same way.
+
+Run it as `python -m nvlm_kernels.compile_gate` (add --self-test to include two probe kernels that
+prove the toolchain works, --json for machine-readable output). It runs in its own process because
+under TRITON_INTERPRET=1 `triton.jit` returns interpreter objects that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHS = (80, 90)
+# Opt-in dynamic shared memory per block: A100 163 KB, H100/H200 227 KB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled variant of a Triton kernel, as it ships (one autotune config, one key)."""
+
+    name: str                    # unique, e.g. "varlen_attention_fwd[d=128,causal,bf16,cfg0]"
+    kernel: Any                  # the @triton.jit function
+    signature: dict[str, str]    # every argument: "*bf16", "i32", "fp32", ... or "constexpr"
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+    archs: tuple[int, ...] = ARCHS
+    expects_wgmma: bool = False  # attention dots must lower to wgmma on sm_90
+    allowed_spill_bytes: int = 0  # nonzero only with a comment at the spec giving the measurement
+
+
+@dataclass
+class Report:
+    name: str
+    arch: int
+    kind: str                   # "triton" or "cuda"
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    uses_wgmma: bool | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+_RESOURCE_LINE = re.compile(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)")
+
+
+def cuobjdump_path() -> str:
+    import triton  # noqa: PLC0415
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_triton(spec: KernelSpec, arch: int) -> Report:
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    report = Report(spec.name, arch, "triton")
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as exc:  # noqa: BLE001  (any compiler failure is the finding)
+        report.problems.append(f"does not compile: {type(exc).__name__}: {exc}".splitlines()[0])
+        return report
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([cuobjdump_path(), "--dump-resource-usage", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    match = _RESOURCE_LINE.search(dump)
+    if match is None:
+        report.problems.append(f"cuobjdump printed no resource line: {dump!r}")
+        return report
+    report.registers = int(match.group(1))
+    report.spill_bytes = int(match.group(3))
+    # Triton allocates its shared memory dynamically: metadata.shared is what a launch requests.
+    report.shared_bytes = max(int(compiled.metadata.shared), int(match.group(2)))
+    report.uses_wgmma = "wgmma" in compiled.asm["ptx"]
+    _judge(report, spec.allowed_spill_bytes, spec.expects_wgmma)
+    return report
+
+
+def _judge(report: Report, allowed_spill_bytes: int, expects_wgmma: bool) -> None:
+    if report.spill_bytes is not None and report.spill_bytes > allowed_spill_bytes:
+        report.problems.append(f"spills {report.spill_bytes} bytes to local memory "
+                               f"(allowed {allowed_spill_bytes})")
+    limit = SHARED_MEMORY_LIMIT[report.arch]
+    if report.shared_bytes is not None and report.shared_bytes > limit:
+        report.problems.append(f"needs {report.shared_bytes} bytes of shared memory, "
+                               f"sm_{report.arch} has {limit}")
+    if expects_wgmma and report.arch >= 90 and not report.uses_wgmma:
+        report.problems.append("its dots do not use wgmma on sm_90")
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA C++ through nvcc
+
+_PTXAS_FUNCTION = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cutlass_include_dir() -> str | None:
+    try:
+        import cutlass_library  # noqa: PLC0415
+    except ImportError:
+        return None
+    include = Path(cutlass_library.__file__).parent / "source" / "include"
+    return str(include) if include.exists() else None
+
+
+def cuda_sources() -> list[Path]:
+    return sorted((REPO_ROOT / "csrc").rglob("*.cu"))
+
+
+def compile_cuda(source: Path, arch: int) -> list[Report]:
+    """ptxas resource usage of every kernel in `source` for sm_<arch> (one Report per kernel)."""
+    nvcc = find_nvcc()
+    command = [nvcc, "-c", str(source), "-o", os.devnull, "-std=c++17", "-O3",
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+               "--expt-relaxed-constexpr", f"-I{REPO_ROOT / 'csrc'}"]
+    cutlass = cutlass_include_dir()
+    if cutlass:
+        command.append(f"-I{cutlass}")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return [Report(source.name, arch, "cuda", problems=[
+            "nvcc failed: " + (result.stderr.strip().splitlines() or ["(no output)"])[-1]])]
+    reports: list[Report] = []
+    for line in result.stderr.splitlines():
+        if (m := _PTXAS_FUNCTION.search(line)):
+            reports.append(Report(f"{source.name}:{m.group(1)}", int(m.group(2)), "cuda"))
+        elif reports and (m := _PTXAS_SPILLS.search(line)):
+            reports[-1].spill_bytes = int(m.group(1)) + int(m.group(2))
+        elif reports and (m := _PTXAS_USAGE.search(line)):
+            reports[-1].registers = int(m.group(1))
+            reports[-1].shared_bytes = int(m.group(2) or 0)
+    for report in reports:
+        _judge(report, 0, expects_wgmma=False)
+    if not reports:
+        reports.append(Report(source.name, arch, "cuda", problems=["ptxas reported no kernel"]))
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# what is checked
+
+
+def shipped_specs() -> list[KernelSpec]:
+    from .ops import compile_specs  # noqa: PLC0415
+
+    return compile_specs()
+
+
+def probe_specs() -> list[KernelSpec]:
+    """Two tiny kernels that exercise the toolchain: a masked copy and a 64x64 fp16 dot."""
+    import triton  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+
+    @triton.jit
+    def _probe_copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+    @triton.jit
+    def _probe_dot_kernel(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
+        idx = tl.arange(0, BLOCK)
+        tile = idx[:, None] * BLOCK + idx[None, :]
+        tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+
+    return [
+        KernelSpec("probe_copy", _probe_copy_kernel,
+                   {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                   {"BLOCK": 1024}),
+        KernelSpec("probe_dot", _probe_dot_kernel,
+                   {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "BLOCK": "constexpr"},
+                   {"BLOCK": 64}, expects_wgmma=True),
+    ]
+
+
+def run(self_test: bool = False, include_cuda: bool = True) -> list[Report]:
+    specs = (probe_specs() if self_test else []) + shipped_specs()
+    reports = [compile_triton(spec, arch) for spec in specs for arch in spec.archs]
+    if include_cuda and find_nvcc():
+        reports += [r for src in cuda_sources() for arch in ARCHS for r in compile_cuda(src, arch)]
+    return reports
+
+
+def format_table(reports: list[Report]) -> str:
+    lines = [f"{'kernel':<48} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>8} {'wgmma':>6}  verdict"]
+    for r in reports:
+        wgmma = "-" if r.uses_wgmma is None else ("yes" if r.uses_wgmma else "no")
+        verdict = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
+        lines.append(f"{r.name[:48]:<48} {'sm_' + str(r.arch):>5} {str(r.registers):>5} "
+                     f"{str(r.spill_bytes):>6} {str(r.shared_bytes):>8} {wgmma:>6}  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--self-test", action="store_true", help="also compile the probe kernels")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc checks of csrc/")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    reports = run(self_test=args.self_test, include_cuda=not args.no_cuda)
+    if args.json:
+        print(json.dumps([asdict(r) | {"ok": r.ok} for r in reports], indent=1))
+    else:
+        print(format_table(reports))
+        if not find_nvcc():
+            print("nvcc not found: the CUDA sources were not compile-checked")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
