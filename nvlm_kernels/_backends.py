@@ -12,7 +12,6 @@ instead of silently running something else, so a test that forces a backend real
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -62,9 +61,7 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_backend() -> tuple[str | None, dict[str, Implementation]]:
-    """(why unavailable or None, implementations). Imports triton only when first asked."""
+def _load_triton() -> tuple[str | None, dict[str, Implementation]]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)", {}
     from . import ops  # noqa: PLC0415  (imports triton)
@@ -72,22 +69,30 @@ def _triton_backend() -> tuple[str | None, dict[str, Implementation]]:
     return None, ops.triton_implementations()
 
 
-@functools.lru_cache(maxsize=None)
-def _native_backend() -> tuple[str | None, dict[str, Implementation]]:
+def _load_native() -> tuple[str | None, dict[str, Implementation]]:
     from . import _native  # noqa: PLC0415
 
     error = _native.load_error()
     return error, ({} if error else _native.implementations())
 
 
+# backend name -> (why unavailable or None, implementations). A plain dict, filled on first use,
+# so that torch.compile reads it like any other global.
+_loaded: dict[str, tuple[str | None, dict[str, Implementation]]] = {}
+
+
 def _backend(name: str) -> tuple[str | None, dict[str, Implementation]]:
-    if name == "torch":
-        return None, _torch_implementations()
-    if name == "triton":
-        return _triton_backend()
-    if name == "native":
-        return _native_backend()
-    raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}")
+    if name not in _loaded:
+        if name == "torch":
+            _loaded[name] = (None, _torch_implementations())
+        elif name == "triton":
+            _loaded[name] = _load_triton()
+        elif name == "native":
+            _loaded[name] = _load_native()
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose one of auto, "
+                             f"{', '.join(BACKEND_NAMES)}")
+    return _loaded[name]
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -157,16 +162,20 @@ def _triton_device_error(device: torch.device) -> str | None:
             f"(set before triton is imported); got a {device.type} tensor")
 
 
-def implementation(op: str, tensor: torch.Tensor) -> Callable:
-    """The function that runs `op` for inputs on the device and with the dtype of `tensor`."""
+# Under torch.compile the choice is made once, when the function is traced (the backend of a
+# compiled function does not change with later use_backend blocks); Dynamo runs this function
+# eagerly and keeps its result as a constant instead of tracing the loading code (see the mark
+# after the function).
+def selected_backend(op: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend that runs `op` for tensors of this device type and dtype (or raises why not)."""
+    device = torch.device(device_type)
     requested = _requested_backend()
-    device, dtype = tensor.device, tensor.dtype
     if requested == "auto":
         for name in _auto_order(device):
             error, impls = _backend(name)
             impl = impls.get(op)
             if error is None and impl is not None and impl.supports(device, dtype) is None:
-                return impl.fn
+                return name
         raise AssertionError("the torch backend supports every op")  # pragma: no cover
     error, impls = _backend(requested)
     if error is not None:
@@ -180,7 +189,18 @@ def implementation(op: str, tensor: torch.Tensor) -> Callable:
     why = (_triton_device_error(device) if requested == "triton" else None) or impl.supports(device, dtype)
     if why is not None:
         raise RuntimeError(f"backend {requested!r} cannot run {op} here: {why}")
-    return impl.fn
+    return requested
+
+
+# What torch.compiler.assume_constant_result does, without importing Dynamo (and with it triton,
+# about 2 s) when nvlm_kernels is imported; tests/test_native.py compiles through it.
+selected_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def implementation(op: str, tensor: torch.Tensor) -> Callable:
+    """The function that runs `op` for inputs on the device and with the dtype of `tensor`."""
+    name = selected_backend(op, tensor.device.type, tensor.dtype)
+    return _loaded[name][1][op].fn
 
 
 def import_attr(path: str) -> Callable:

@@ -1,0 +1,31 @@
+"""Shared fixtures: the same tests run on the CPU and, where one exists, on a CUDA device.
+
+Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be set before triton is
+imported: this file sets it when there is no GPU (tests of Triton kernels carry the
+`triton_interpret` marker). CUDA is probed through torch.cuda.is_available() only, which does
+not create a CUDA context.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+

@@ -1,0 +1,123 @@
+"""The native (C++/CUDA) pixel_shuffle_layernorm against the float64 reference, plus opcheck,
+torch.compile, determinism and edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nvlm_kernels as nk
+from nvlm_kernels.testing import assert_matches_reference
+
+pytestmark = pytest.mark.skipif(not nk.available_backends()["native"].available,
+                                reason=nk.available_backends()["native"].reason)
+
+
+def psln_inputs(n, side, c, dtype, device, scale=2, grid=None):
+    tokens = side * side if grid is None else grid[0] * grid[1]
+    width = c * scale * scale
+    # an offset mean and a spread make the statistics non-trivial
+    return {"x": (torch.randn(n, tokens, c) * 2 + 0.7).to(device, dtype),
+            "weight": torch.randn(width).to(device, dtype),
+            "bias": torch.randn(width).to(device, dtype), "eps": 1e-5, "scale": scale,
+            "grid": grid}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,side,c", [(1, 32, 96), (7, 8, 1024), (3, 6, 3200), (2, 32, 1024)])
+def test_matches_reference(device, dtype, n, side, c):
+    assert_matches_reference("pixel_shuffle_layernorm", psln_inputs(n, side, c, dtype, device), "native")
+
+
+@pytest.mark.slow
+def test_matches_reference_at_nvlm_shape(device):
+    """One InternViT-6B tile: 1024 tokens x 3200 channels -> 256 x 12800."""
+    assert_matches_reference("pixel_shuffle_layernorm", psln_inputs(1, 32, 3200, torch.float32, device),
+                             "native")
+
+
+@pytest.mark.parametrize("scale,grid", [(2, (4, 6)), (3, (6, 9)), (1, (5, 3))])
+def test_non_square_grids_and_other_scales(device, scale, grid):
+    assert_matches_reference("pixel_shuffle_layernorm",
+                             psln_inputs(2, 0, 5, torch.float32, device, scale, grid), "native")
+
+
+def test_non_contiguous_input(device):
+    base = torch.randn(36, 3, 40, device=device) + 0.3
+    x = base.transpose(0, 1)[..., ::2]  # (3, 36, 20), strided in every dim
+    assert not x.is_contiguous()
+    inputs = {"x": x, "weight": torch.randn(80, device=device)[None].expand(2, 80)[0],
+              "bias": torch.randn(160, device=device)[::2], "eps": 1e-6}
+    assert_matches_reference("pixel_shuffle_layernorm", inputs, "native")
+
+
+def test_float32_parameters_with_half_activations(device):
+    """fp32 LayerNorm parameters with fp16 activations: output in fp16, parameter grads in fp32."""
+    x = torch.randn(2, 36, 8, device=device, dtype=torch.float16, requires_grad=True)
+    weight = torch.randn(32, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device, requires_grad=True)
+    with nk.use_backend("native"):
+        out = nk.pixel_shuffle_layernorm(x, weight, bias)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    expected = nk.reference.pixel_shuffle_layernorm(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 36, 4, device=device, requires_grad=True)
+    weight = torch.randn(16, device=device, requires_grad=True)
+    bias = torch.randn(16, device=device, requires_grad=True)
+    with nk.use_backend("native"):
+        out = nk.pixel_shuffle_layernorm(x, weight, bias)
+    assert out.shape == (0, 9, 16)
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_backward_is_deterministic(device):
+    x = torch.randn(5, 64, 48, device=device, requires_grad=True)
+    weight = torch.randn(192, device=device, requires_grad=True)
+    bias = torch.randn(192, device=device, requires_grad=True)
+    grad = torch.randn(5, 16, 192, device=device)
+    results = []
+    with nk.use_backend("native"):
+        for _ in range(2):
+            results.append(torch.autograd.grad(nk.pixel_shuffle_layernorm(x, weight, bias),
+                                               (x, weight, bias), grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_opcheck(device):
+    import nvlm_kernels._native  # noqa: F401  (registers fake and autograd)
+
+    x = torch.randn(2, 16, 6, device=device, requires_grad=True)
+    weight = torch.randn(24, device=device, requires_grad=True)
+    bias = torch.randn(24, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.nvlm_kernels.pixel_shuffle_layernorm.default,
+                          (x, weight, bias, 1e-5, 2, 4, 4))
+    out, mean, rstd = torch.ops.nvlm_kernels.pixel_shuffle_layernorm(x, weight, bias, 1e-5, 2, 4, 4)
+    torch.library.opcheck(torch.ops.nvlm_kernels.pixel_shuffle_layernorm_backward.default,
+                          (torch.randn_like(out), x.detach(), weight.detach(), mean, rstd, 2, 4, 4))
+
+
+def test_torch_compile_without_graph_breaks(device):
+    x = torch.randn(3, 36, 8, device=device, requires_grad=True)
+    weight = torch.randn(32, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device, requires_grad=True)
+
+    def projector_head(x, weight, bias):
+        return nk.pixel_shuffle_layernorm(x * 2.0, weight, bias).relu()
+
+    torch._dynamo.reset()
+    with nk.use_backend("native"):
+        compiled = torch.compile(projector_head, fullgraph=True, backend="aot_eager")
+        out = compiled(x, weight, bias)
+        grads = torch.autograd.grad(out.sum(), (x, weight, bias))
+    expected = projector_head(x, weight, bias)
+    expected_grads = torch.autograd.grad(expected.sum(), (x, weight, bias))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
