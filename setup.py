@@ -13,6 +13,7 @@ Switches (environment variables):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -44,21 +45,13 @@ def _import_torch():
     return torch
 
 
-def _find_nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cutlass_include_dir() -> str | None:
-    """CUTLASS/CuTe headers ship inside the `nvidia-cutlass` wheel (module cutlass_library)."""
-    try:
-        import cutlass_library
-    except ImportError:
-        return None
-    include = Path(cutlass_library.__file__).parent / "source" / "include"
-    return str(include) if (include / "cutlass" / "cutlass.h").exists() else None
+def _load_toolchain():
+    """nvlm_kernels/_toolchain.py by path: importing the package here would need it built."""
+    spec = importlib.util.spec_from_file_location("_nvlm_toolchain",
+                                                  ROOT / "nvlm_kernels" / "_toolchain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class CMakeExtension(Extension):
@@ -71,7 +64,8 @@ class CMakeBuild(build_ext):
         torch = _import_torch()
         import pybind11
 
-        nvcc = _find_nvcc()
+        toolchain = _load_toolchain()
+        nvcc = toolchain.find_nvcc()
         force_cuda = _env_flag("NVLM_KERNELS_FORCE_CUDA")
         with_cuda = force_cuda or (torch.version.cuda is not None and nvcc is not None)
         if with_cuda and torch.version.cuda is None:
@@ -102,7 +96,7 @@ class CMakeBuild(build_ext):
         if with_cuda:
             archs = os.environ.get("NVLM_KERNELS_CUDA_ARCHS", "80;90")
             cmake_args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
-            cutlass = _cutlass_include_dir()
+            cutlass = toolchain.cutlass_include_dir()
             if cutlass is None:
                 sys.exit("nvlm: the CUDA extension needs the CUTLASS headers: "
                          "pip install nvidia-cutlass")

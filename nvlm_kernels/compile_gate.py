@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._toolchain import cutlass_include_dir, find_nvcc
 
 ARCHS = (80, 90)
 # Opt-in dynamic shared memory per block: A100 163 KB, H100/H200 227 KB.
@@ -124,22 +125,6 @@ def _judge(report: Report, allowed_spill_bytes: int, expects_wgmma: bool) -> Non
 _PTXAS_FUNCTION = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-
-def find_nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def cutlass_include_dir() -> str | None:
-    try:
-        import cutlass_library  # noqa: PLC0415
-    except ImportError:
-        return None
-    include = Path(cutlass_library.__file__).parent / "source" / "include"
-    return str(include) if include.exists() else None
 
 
 def cuda_sources() -> list[Path]:

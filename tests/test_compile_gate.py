@@ -110,8 +110,12 @@ def test_nvcc_failure_is_reported(tmp_path):
     assert not reports[0].ok and "nvcc failed" in reports[0].problems[0]
 
 
+CUDA_SOURCES = compile_gate.cuda_sources() or [pytest.param(
+    None, marks=pytest.mark.skip(reason="no csrc/**/*.cu yet: the CUDA kernels come with the kernel issues"))]
+
+
 @nvcc_missing
-@pytest.mark.parametrize("source", compile_gate.cuda_sources(), ids=lambda p: p.name)
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: getattr(p, "name", "none"))
 @pytest.mark.parametrize("arch", compile_gate.ARCHS)
 def test_every_cuda_source_compiles(source, arch):
     reports = compile_gate.compile_cuda(source, arch)
