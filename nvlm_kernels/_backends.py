@@ -12,7 +12,6 @@ instead of silently running something else, so a test that forces a backend real
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import os
 import threading
@@ -201,9 +200,3 @@ def implementation(op: str, tensor: torch.Tensor) -> Callable:
     """The function that runs `op` for inputs on the device and with the dtype of `tensor`."""
     name = selected_backend(op, tensor.device.type, tensor.dtype)
     return _loaded[name][1][op].fn
-
-
-def import_attr(path: str) -> Callable:
-    """'package.module:function' -> the function (used by the op registries)."""
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)

@@ -48,6 +48,10 @@ class KernelSpec:
     archs: tuple[int, ...] = ARCHS
     expects_wgmma: bool = False  # attention dots must lower to wgmma on sm_90
     allowed_spill_bytes: int = 0  # nonzero only with a comment at the spec giving the measurement
+    # Arguments that the launch specializes as multiples of 16 in the common case (16-byte
+    # aligned pointers, sizes such as C = 3200): compiled with that hint, as triton's JIT would.
+    divisible_by_16: tuple[str, ...] = ()
+    expects_16_byte_access: bool = False  # global loads and stores must be 128-bit vectors
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Report:
     spill_bytes: int | None = None
     shared_bytes: int | None = None
     uses_wgmma: bool | None = None
+    widest_access_bits: int | None = None  # widest global load/store in the PTX
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -81,9 +86,12 @@ def compile_triton(spec: KernelSpec, arch: int) -> Report:
     from triton.compiler import ASTSource  # noqa: PLC0415
 
     report = Report(spec.name, arch, "triton")
+    names = list(spec.signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible_by_16}
     try:
         compiled = triton.compile(
-            ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs),
+            ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                      attrs=attrs),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as exc:  # noqa: BLE001  (any compiler failure is the finding)
@@ -103,8 +111,20 @@ def compile_triton(spec: KernelSpec, arch: int) -> Report:
     # Triton allocates its shared memory dynamically: metadata.shared is what a launch requests.
     report.shared_bytes = max(int(compiled.metadata.shared), int(match.group(2)))
     report.uses_wgmma = "wgmma" in compiled.asm["ptx"]
+    report.widest_access_bits = _widest_global_access(compiled.asm["ptx"])
     _judge(report, spec.allowed_spill_bytes, spec.expects_wgmma)
+    if spec.expects_16_byte_access and report.widest_access_bits < 128:
+        report.problems.append(f"global accesses are {report.widest_access_bits}-bit, "
+                               f"expected 128-bit vectors")
     return report
+
+
+_PTX_GLOBAL_ACCESS = re.compile(r"(?:ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def _widest_global_access(ptx: str) -> int:
+    widths = [int(lanes or 1) * int(bits) for lanes, bits in _PTX_GLOBAL_ACCESS.findall(ptx)]
+    return max(widths, default=0)
 
 
 def _judge(report: Report, allowed_spill_bytes: int, expects_wgmma: bool) -> None:
@@ -206,12 +226,14 @@ def run(self_test: bool = False, include_cuda: bool = True) -> list[Report]:
 
 
 def format_table(reports: list[Report]) -> str:
-    lines = [f"{'kernel':<48} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>8} {'wgmma':>6}  verdict"]
+    lines = [f"{'kernel':<48} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>8} {'wgmma':>6} "
+             f"{'vec':>4}  verdict"]
     for r in reports:
         wgmma = "-" if r.uses_wgmma is None else ("yes" if r.uses_wgmma else "no")
         verdict = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
         lines.append(f"{r.name[:48]:<48} {'sm_' + str(r.arch):>5} {str(r.registers):>5} "
-                     f"{str(r.spill_bytes):>6} {str(r.shared_bytes):>8} {wgmma:>6}  {verdict}")
+                     f"{str(r.spill_bytes):>6} {str(r.shared_bytes):>8} {wgmma:>6} "
+                     f"{str(r.widest_access_bits or '-'):>4}  {verdict}")
     return "\n".join(lines)
 
 

@@ -12,29 +12,32 @@ import importlib
 
 import torch
 
-from .._backends import Implementation, import_attr
+from .._backends import Implementation
 
-# op name -> ("nvlm_kernels.ops.<module>:<function>", dtypes the kernels accept)
-TRITON_OPS: dict[str, tuple[str, tuple[torch.dtype, ...]]] = {}
+_LOW_AND_FULL = (torch.float16, torch.bfloat16, torch.float32)
+
+# op name -> (module in this package, function, dtypes its kernels accept)
+TRITON_OPS: dict[str, tuple[str, str, tuple[torch.dtype, ...]]] = {
+    "pixel_shuffle": ("pixel_shuffle", "pixel_shuffle", _LOW_AND_FULL),
+    "multimodal_embed": ("multimodal_embed", "multimodal_embed", _LOW_AND_FULL),
+}
 
 # modules whose COMPILE_SPECS the compile gate builds for sm_80 and sm_90
-KERNEL_MODULES: tuple[str, ...] = ()
+KERNEL_MODULES: tuple[str, ...] = ("pixel_shuffle", "multimodal_embed")
 
 
-def _lazy(path: str):
-    def call(*args, **kwargs):
-        return import_attr(path)(*args, **kwargs)
+def _dtype_check(dtypes: tuple[torch.dtype, ...]):
+    def supports(device: torch.device, dtype: torch.dtype) -> str | None:
+        return None if dtype in dtypes else f"dtype {dtype} is not one of {dtypes}"
 
-    return call
+    return supports
 
 
 def triton_implementations() -> dict[str, Implementation]:
     implementations = {}
-    for op, (path, dtypes) in TRITON_OPS.items():
-        def supports(device, dtype, dtypes=dtypes):
-            return None if dtype in dtypes else f"dtype {dtype} is not one of {dtypes}"
-
-        implementations[op] = Implementation(_lazy(path), supports)
+    for op, (module, function, dtypes) in TRITON_OPS.items():
+        fn = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        implementations[op] = Implementation(fn, _dtype_check(dtypes))
     return implementations
 
 

@@ -1,0 +1,198 @@
+"""Triton multimodal embedding assembly: embedding lookup and image-row placement in one pass.
+
+Forward: every output row is written once, copied either from the embedding table (text id) or
+from the next image row (placeholder). The image row of a placeholder is its running count among
+placeholders, from a device-side cumsum: no host sync. Ids outside the table and placeholder
+counts beyond the image rows (only possible when contents are not validated) read nothing out of
+bounds: such rows come out as zeros.
+
+Backward:
+  d image_embeds: a gather, d_images[m] = grad_out[position of the m-th placeholder];
+  d embed_weight: a segmented sum over text positions sorted (stably) by id. The first position
+    of each run of equal ids sums the whole run in position order and writes the row once: no
+    atomics, so the result is deterministic, and rows of ids that do not occur stay zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._memory import new_output
+from ..compile_gate import KernelSpec
+
+# Columns per program: 1024 bf16 = 2 KB rows chunks; D = 8192 gives 8 programs per token.
+_MAX_BLOCK_D = 1024
+
+
+def _block_d(dim: int) -> int:
+    return min(triton.next_power_of_2(max(dim, 1)), _MAX_BLOCK_D)
+
+
+@triton.jit
+def _multimodal_embed_fwd_kernel(ids_ptr, image_index_ptr, table_ptr, images_ptr, out_ptr,
+                                 table_row_stride, images_row_stride, vocab, num_images, dim,
+                                 image_token_id, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_id = tl.load(ids_ptr + token).to(tl.int64)
+    is_image = token_id == image_token_id
+    image_row = tl.load(image_index_ptr + token).to(tl.int64)
+    row = tl.where(is_image, image_row, token_id)
+    in_bounds = (row >= 0) & (row < tl.where(is_image, num_images, vocab))
+    source = tl.where(is_image, images_ptr + row * images_row_stride, table_ptr + row * table_row_stride)
+    # an out-of-bounds row loads no column (a scalar limit rather than `mask & in_bounds`, which
+    # the Triton interpreter rejects)
+    values = tl.load(source + cols, mask=cols < tl.where(in_bounds, dim, 0), other=0.0)
+    tl.store(out_ptr + token * dim + cols, values, mask=cols < dim)
+
+
+@triton.jit
+def _image_grad_kernel(grad_ptr, positions_ptr, grad_images_ptr, dim, BLOCK_D: tl.constexpr):
+    image_row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    position = tl.load(positions_ptr + image_row)  # -1: no placeholder for this row
+    values = tl.load(grad_ptr + position * dim + cols, mask=cols < tl.where(position >= 0, dim, 0),
+                     other=0.0)
+    tl.store(grad_images_ptr + image_row * dim + cols, values, mask=cols < dim)
+
+
+@triton.jit
+def _table_grad_kernel(grad_ptr, sorted_keys_ptr, order_ptr, grad_table_ptr, num_tokens, vocab,
+                       dim, BLOCK_D: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    key = tl.load(sorted_keys_ptr + start)
+    previous = tl.load(sorted_keys_ptr + start - 1, mask=start > 0, other=-1)
+    # Only the first position of each run of one id works; key == vocab marks positions that
+    # carry no table gradient (placeholders, ids outside the table).
+    if (key != previous) & (key < vocab):
+        total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        position = start
+        current = key
+        while current == key:
+            token = tl.load(order_ptr + position)
+            total += tl.load(grad_ptr + token * dim + cols, mask=col_mask, other=0.0).to(tl.float32)
+            position += 1
+            current = tl.load(sorted_keys_ptr + position, mask=position < num_tokens, other=-1)
+        tl.store(grad_table_ptr + key * dim + cols,
+                 total.to(grad_table_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """Rows must be unit-stride for vector loads; any row stride is fine."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _image_index(ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    is_image = ids == image_token_id
+    return is_image, torch.cumsum(is_image, 0, dtype=torch.int32) - 1
+
+
+@torch.library.custom_op("nvlm_triton::multimodal_embed", mutates_args=())
+def _multimodal_embed_op(input_ids: torch.Tensor, embed_weight: torch.Tensor,
+                         image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    ids = input_ids.reshape(-1).contiguous()
+    table, images = _row_major(embed_weight), _row_major(image_embeds)
+    vocab, dim = table.shape
+    out = new_output((ids.numel(), dim), dtype=table.dtype, device=table.device)
+    if ids.numel() and dim:
+        _, image_index = _image_index(ids, image_token_id)
+        block_d = _block_d(dim)
+        _multimodal_embed_fwd_kernel[(ids.numel(), triton.cdiv(dim, block_d))](
+            ids, image_index, table, images, out, table.stride(0), images.stride(0), vocab,
+            images.shape[0], dim, image_token_id, BLOCK_D=block_d, num_warps=4)
+    return out.view(*input_ids.shape, dim)
+
+
+@_multimodal_embed_op.register_fake
+def _(input_ids, embed_weight, image_embeds, image_token_id):
+    return embed_weight.new_empty((*input_ids.shape, embed_weight.shape[1]))
+
+
+@torch.library.custom_op("nvlm_triton::multimodal_embed_backward", mutates_args=())
+def _multimodal_embed_backward_op(grad_out: torch.Tensor, input_ids: torch.Tensor, vocab: int,
+                                  num_images: int, image_token_id: int
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = input_ids.reshape(-1).contiguous()
+    dim = grad_out.shape[-1]
+    grad = grad_out.reshape(-1, dim).contiguous()
+    grad_table = torch.zeros((vocab, dim), dtype=grad.dtype, device=grad.device)
+    grad_images = new_output((num_images, dim), dtype=grad.dtype, device=grad.device)
+    tokens = ids.numel()
+    if dim == 0 or (tokens == 0 and num_images == 0):
+        return grad_table, grad_images
+    block_d = _block_d(dim)
+    is_image, image_index = _image_index(ids, image_token_id)
+    # positions[m] = token of the m-th placeholder (-1 if none); slot num_images collects the
+    # placeholders beyond the image rows, which only unvalidated contents can produce.
+    positions = torch.full((num_images + 1,), -1, dtype=torch.int64, device=grad.device)
+    slot = torch.where(is_image, image_index.long().clamp(max=num_images), num_images)
+    positions.scatter_(0, slot, torch.arange(tokens, device=grad.device))
+    if num_images:
+        _image_grad_kernel[(num_images, triton.cdiv(dim, block_d))](
+            grad, positions, grad_images, dim, BLOCK_D=block_d, num_warps=4)
+    if tokens:
+        ids64 = ids.long()
+        no_table_grad = is_image | (ids64 < 0) | (ids64 >= vocab)
+        sorted_keys, order = torch.sort(ids64.masked_fill(no_table_grad, vocab), stable=True)
+        _table_grad_kernel[(tokens, triton.cdiv(dim, block_d))](
+            grad, sorted_keys, order, grad_table, tokens, vocab, dim, BLOCK_D=block_d,
+            num_warps=4)
+    return grad_table, grad_images
+
+
+@_multimodal_embed_backward_op.register_fake
+def _(grad_out, input_ids, vocab, num_images, image_token_id):
+    dim = grad_out.shape[-1]
+    return grad_out.new_empty((vocab, dim)), grad_out.new_empty((num_images, dim))
+
+
+def _setup_context(ctx, inputs, output):
+    input_ids, embed_weight, image_embeds, image_token_id = inputs
+    ctx.save_for_backward(input_ids)
+    ctx.sizes = (embed_weight.shape[0], image_embeds.shape[0], image_token_id)
+
+
+def _backward(ctx, grad_out):
+    (input_ids,) = ctx.saved_tensors
+    grad_table, grad_images = _multimodal_embed_backward_op(grad_out, input_ids, *ctx.sizes)
+    return None, grad_table, grad_images, None
+
+
+_multimodal_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
+                     image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """The triton backend of nvlm_kernels.multimodal_embed (inputs already validated)."""
+    return _multimodal_embed_op(input_ids, embed_weight, image_embeds, image_token_id)
+
+
+def _specs(dtype: str) -> list[KernelSpec]:
+    block = {"BLOCK_D": _MAX_BLOCK_D}
+    return [
+        KernelSpec(f"multimodal_embed_fwd[{dtype}]", _multimodal_embed_fwd_kernel,
+                   {"ids_ptr": "*i64", "image_index_ptr": "*i32", "table_ptr": f"*{dtype}",
+                    "images_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "table_row_stride": "i64",
+                    "images_row_stride": "i64", "vocab": "i64", "num_images": "i64", "dim": "i32",
+                    "image_token_id": "i64", "BLOCK_D": "constexpr"}, block,
+                   divisible_by_16=("table_ptr", "images_ptr", "out_ptr", "table_row_stride",
+                                    "images_row_stride", "dim"), expects_16_byte_access=True),
+        KernelSpec(f"multimodal_embed_image_grad[{dtype}]", _image_grad_kernel,
+                   {"grad_ptr": f"*{dtype}", "positions_ptr": "*i64",
+                    "grad_images_ptr": f"*{dtype}", "dim": "i32", "BLOCK_D": "constexpr"}, block,
+                   divisible_by_16=("grad_ptr", "grad_images_ptr", "dim"),
+                   expects_16_byte_access=True),
+        KernelSpec(f"multimodal_embed_table_grad[{dtype}]", _table_grad_kernel,
+                   {"grad_ptr": f"*{dtype}", "sorted_keys_ptr": "*i64", "order_ptr": "*i64",
+                    "grad_table_ptr": f"*{dtype}", "num_tokens": "i64", "vocab": "i64",
+                    "dim": "i32", "BLOCK_D": "constexpr"}, block,
+                   divisible_by_16=("grad_ptr", "grad_table_ptr", "dim"),
+                   expects_16_byte_access=True),
+    ]
+
+
+COMPILE_SPECS = [spec for dtype in ("bf16", "fp16", "fp32") for spec in _specs(dtype)]
