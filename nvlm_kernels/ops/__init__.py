@@ -19,11 +19,14 @@ _LOW_AND_FULL = (torch.float16, torch.bfloat16, torch.float32)
 # op name -> (module in this package, function, dtypes its kernels accept)
 TRITON_OPS: dict[str, tuple[str, str, tuple[torch.dtype, ...]]] = {
     "pixel_shuffle": ("pixel_shuffle", "pixel_shuffle", _LOW_AND_FULL),
+    "pixel_shuffle_layernorm": ("pixel_shuffle_layernorm", "pixel_shuffle_layernorm",
+                                _LOW_AND_FULL),
     "multimodal_embed": ("multimodal_embed", "multimodal_embed", _LOW_AND_FULL),
 }
 
 # modules whose COMPILE_SPECS the compile gate builds for sm_80 and sm_90
-KERNEL_MODULES: tuple[str, ...] = ("pixel_shuffle", "multimodal_embed")
+KERNEL_MODULES: tuple[str, ...] = ("pixel_shuffle", "pixel_shuffle_layernorm",
+                                   "multimodal_embed")
 
 
 def _dtype_check(dtypes: tuple[torch.dtype, ...]):

@@ -25,7 +25,7 @@ _MAX_BLOCK_C = 1024
 def segment_offset(row, part, grid_h, grid_w, out_w, out_tokens, channels,
                    SCALE: tl.constexpr):
     """Element offset in a contiguous x (N, grid_h*grid_w, C) of segment `part` of output `row`."""
-    row = row.to(tl.int64)
+    row = tl.cast(row, tl.int64)
     n = row // out_tokens
     token = row % out_tokens
     r = token // out_w
