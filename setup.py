@@ -83,9 +83,14 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
 
+        from torch.utils import cpp_extension
+
         cmake_args = [
             f"-DCMAKE_BUILD_TYPE={os.environ.get('NVLM_KERNELS_BUILD_TYPE', 'Release')}",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
+            f"-DCMAKE_PREFIX_PATH={pybind11.get_cmake_dir()}",
+            f"-DNVLM_TORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
+            f"-DNVLM_TORCH_LIBRARY_DIR={cpp_extension.library_paths()[0]}",
+            f"-DNVLM_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DNVLM_OUTPUT_DIR={out_path.parent}",
             f"-DNVLM_OUTPUT_NAME={out_path.name}",

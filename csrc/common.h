@@ -55,6 +55,8 @@ inline ShuffleGeometry check_shuffle_geometry(const at::Tensor& x, int64_t scale
                                               int64_t grid_w) {
   TORCH_CHECK(x.dim() == 3, "x must be (N, L, C), got ", x.dim(), " dims");
   TORCH_CHECK(scale >= 1, "scale must be >= 1, got ", scale);
+  TORCH_CHECK(grid_h >= 1 && grid_w >= 1, "grid must be positive, got ", grid_h, "x", grid_w);
+  TORCH_CHECK(x.size(2) >= 1, "x must have at least one channel");
   TORCH_CHECK(grid_h * grid_w == x.size(1), "grid ", grid_h, "x", grid_w,
               " does not cover L = ", x.size(1));
   TORCH_CHECK(grid_h % scale == 0 && grid_w % scale == 0, "grid ", grid_h, "x", grid_w,

@@ -78,11 +78,16 @@ def _load_native() -> tuple[str | None, dict[str, Implementation]]:
 # backend name -> (why unavailable or None, implementations). A plain dict, filled on first use,
 # so that torch.compile reads it like any other global.
 _loaded: dict[str, tuple[str | None, dict[str, Implementation]]] = {}
+_load_lock = threading.Lock()  # first use from several threads registers each backend once
 
 
 def _backend(name: str) -> tuple[str | None, dict[str, Implementation]]:
-    if name not in _loaded:
-        if name == "torch":
+    if name in _loaded:
+        return _loaded[name]
+    with _load_lock:
+        if name in _loaded:
+            pass
+        elif name == "torch":
             _loaded[name] = (None, _torch_implementations())
         elif name == "triton":
             _loaded[name] = _load_triton()
@@ -91,7 +96,7 @@ def _backend(name: str) -> tuple[str | None, dict[str, Implementation]]:
         else:
             raise ValueError(f"unknown backend {name!r}; choose one of auto, "
                              f"{', '.join(BACKEND_NAMES)}")
-    return _loaded[name]
+        return _loaded[name]
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -137,7 +142,11 @@ def _requested_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend `name` ("auto", "torch", "triton" or "native")."""
+    """Run the ops inside the block on backend `name` ("auto", "torch", "triton" or "native").
+
+    The choice is per thread and is made when an op runs forward (its backward uses the same
+    backend); threads started inside the block follow NVLM_KERNELS_BACKEND instead.
+    """
     if name != "auto" and name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}")
     stack = getattr(_local, "stack", None)

@@ -70,7 +70,16 @@ def _pixel_shuffle_layernorm_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called from a backward: with create_graph=True the gradient of our backward op would be
+    silently zero, so say so instead."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"{op}: double backward (create_graph=True) is not supported by "
+                                  f"the native and triton kernels; use the torch backend")
+
+
 def _pixel_shuffle_layernorm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    refuse_double_backward("pixel_shuffle_layernorm")
     x, weight, mean, rstd = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = torch.ops.nvlm_kernels.pixel_shuffle_layernorm_backward(
         grad_out, x, weight, mean, rstd, *ctx.geometry)

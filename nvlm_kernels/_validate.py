@@ -80,9 +80,11 @@ def shuffle_grid(x: torch.Tensor, scale: int, grid: tuple[int, int] | None) -> t
     require_rank("x", x, 3, "(N, L, C)")
     require_float("x", x)
     scale = require_int("scale", scale, minimum=1)
-    tokens, channels = x.shape[1], x.shape[2]
-    if channels < 1:
-        raise ValueError(f"x must have at least one channel, got shape {_shape(x)}")
+    # int(): under torch.compile with dynamic shapes this specializes L, which isqrt needs
+    tokens, channels = int(x.shape[1]), x.shape[2]
+    if channels < 1 or tokens < 1:
+        raise ValueError(f"x must have at least one token and one channel per tile, got shape "
+                         f"{_shape(x)}")
     if grid is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
@@ -113,8 +115,10 @@ def pixel_shuffle_layernorm_args(x, weight, bias, eps, scale, grid) -> tuple[int
                              f"{_shape(x)} and scale {scale}, got {_shape(t)}")
     require_same_dtype("weight", weight, bias=bias)
     require_same_device("x", x, weight=weight, bias=bias)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not eps >= 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     return h, w
 
 
@@ -181,9 +185,12 @@ def _attention_qkv(q, k, v) -> None:
 
 
 def _softmax_scale(softmax_scale) -> None:
-    if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                      or not isinstance(softmax_scale, numbers.Real)):
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale must be None or a number, got {softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
 
 
 def _cu_seqlens(name: str, cu: torch.Tensor, total: int, total_name: str, max_seqlen_name: str,

@@ -154,7 +154,7 @@ def cuda_sources() -> list[Path]:
 def compile_cuda(source: Path, arch: int) -> list[Report]:
     """ptxas resource usage of every kernel in `source` for sm_<arch> (one Report per kernel)."""
     nvcc = find_nvcc()
-    command = [nvcc, "-c", str(source), "-o", os.devnull, "-std=c++17", "-O3",
+    command = [nvcc, "-c", str(source), "-o", os.devnull, "-std=c++20", "-O3",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
                "--expt-relaxed-constexpr", f"-I{REPO_ROOT / 'csrc'}"]
     cutlass = cutlass_include_dir()

@@ -4,8 +4,9 @@ Written for clarity, with autograd doing the backward. Each function takes the a
 public op (nvlm_kernels.<op>) after validation; the tests run these in float64 and every other
 backend must match them (DESIGN.md, "Correctness rule").
 
-Precision: matmuls run in the input dtype and softmax/LayerNorm statistics in at least float32,
-as fused kernels do, so the error of this module in fp16/bf16 is the yardstick for the kernels.
+Precision follows fused kernels: attention scores q k^T and the softmax in at least float32, the
+probabilities rounded to the input dtype before P v; LayerNorm statistics in at least float32.
+So the error of this module in fp16/bf16 is a fair yardstick for the kernels.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
                      image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Embedding rows for text ids; the image rows, in order, at the image_token_id positions."""
-    is_image = input_ids == image_token_id
+    ids = input_ids.reshape(-1)
+    is_image = ids == image_token_id
     # The placeholder id may lie outside the table: look up row 0 there, then overwrite it.
-    text_embeds = F.embedding(input_ids.masked_fill(is_image, 0), embed_weight)
-    return text_embeds.index_put((is_image,), image_embeds)
+    text_embeds = F.embedding(ids.masked_fill(is_image, 0), embed_weight)
+    out = text_embeds.index_put((is_image,), image_embeds)
+    return out.view(*input_ids.shape, embed_weight.shape[1])
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
@@ -58,8 +61,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # query head h reads key head h // groups
     v = v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k).to(torch.promote_types(q.dtype, torch.float32))
-    scores = scores * softmax_scale
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("qhd,khd->hqk", q.to(accumulate), k.to(accumulate)) * softmax_scale
     if visible is not None:
         # The dtype's minimum rather than -inf keeps the softmax of a row with no visible key
         # finite (uniform); the masked_fill after it then zeroes that row and its gradient.

@@ -61,10 +61,11 @@ class Comparison:
     backend: str
     dtype: torch.dtype
     measurements: list[Measurement] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # wrong dtype, device or shape
 
     @property
     def ok(self) -> bool:
-        return all(m.ok for m in self.measurements)
+        return not self.problems and all(m.ok for m in self.measurements)
 
     @property
     def worst(self) -> Measurement:
@@ -72,7 +73,7 @@ class Comparison:
                    if m.error == m.error else float("inf"))
 
     def describe(self) -> str:
-        rows = [f"{self.op} on {self.backend} ({self.dtype}):"]
+        rows = [f"{self.op} on {self.backend} ({self.dtype}):"] + [f"  {p}" for p in self.problems]
         for m in self.measurements:
             extra = "" if m.reference_error is None else f" (reference in dtype: {m.reference_error:.2e})"
             rows.append(f"  {m.name:<22} error {m.error:.3e}  tolerance {m.tolerance:.3e}{extra}"
@@ -142,15 +143,20 @@ def compare_with_reference(op: str, inputs: dict[str, Any], backend: str,
     test_inputs, _ = _cast_inputs(inputs, None)
     out, grads = _run(op, test_inputs, differentiable, backend, grad_out, poison=True)
 
+    # the reference in the inputs' own dtype: the dtype/device every result must have, and for
+    # fp16/bf16 the error that the dtype itself forces
+    own_inputs, _ = _cast_inputs(inputs, None)
+    own_out, own_grads = _run(op, own_inputs, differentiable, "torch", grad_out)
     low_precision = dtype in (torch.float16, torch.bfloat16)
-    if low_precision:
-        own_inputs, _ = _cast_inputs(inputs, None)
-        own_out, own_grads = _run(op, own_inputs, differentiable, "torch", grad_out)
     comparison = Comparison(op, backend, dtype)
     names = ["out"] + [f"grad {name}" for name in ref_grads]
     actual = [out] + [grads[name] for name in ref_grads]
     expected = [ref_out] + [ref_grads[name] for name in ref_grads]
-    own = ([own_out] + [own_grads[name] for name in ref_grads]) if low_precision else [None] * len(names)
+    own = [own_out] + [own_grads[name] for name in ref_grads]
+    for name, a, o in zip(names, actual, own):
+        if a is not None and o is not None and (a.dtype, a.device) != (o.dtype, o.device):
+            comparison.problems.append(f"{name} is {a.dtype} on {a.device}, expected {o.dtype} "
+                                       f"on {o.device}")
     for name, a, e, o in zip(names, actual, expected, own):
         error = _relative_error(a, e)
         if dtype == torch.float64:
@@ -216,3 +222,16 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
                 "gate": r(4) * 0.5 + 0.3}
     raise ValueError(f"unknown op {op!r}")
 
+
+
+def backend_unavailable_reason(backend: str, op: str, device: str | torch.device,
+                               dtype: torch.dtype) -> str | None:
+    """None if `backend` can run `op` for tensors of this device and dtype, else why not."""
+    from . import _backends  # noqa: PLC0415
+
+    with use_backend(backend):
+        try:
+            _backends.selected_backend(op, torch.device(device).type, dtype)
+        except (RuntimeError, NotImplementedError) as exc:
+            return str(exc)
+    return None

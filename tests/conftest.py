@@ -29,3 +29,29 @@ def device(request) -> str:
 def _fixed_seed():
     torch.manual_seed(0)
 
+
+
+def kernel_backends() -> list:
+    """The non-reference backends as test parameters; Triton ones carry the triton_interpret
+    marker (on a CPU-only machine they run under the interpreter)."""
+    return ["native", pytest.param("triton", marks=pytest.mark.triton_interpret)]
+
+
+@pytest.fixture(params=kernel_backends())
+def backend(request) -> str:
+    return request.param
+
+
+
+@pytest.fixture
+def require_backend(backend, device):
+    """require_backend(op, dtype) skips the test, with the reason, when `backend` cannot run
+    `op` for `device` tensors of `dtype` (e.g. no CUDA kernel built)."""
+    from nvlm_kernels.testing import backend_unavailable_reason
+
+    def check(op: str, dtype: torch.dtype) -> None:
+        reason = backend_unavailable_reason(backend, op, device, dtype)
+        if reason:
+            pytest.skip(reason)
+
+    return check

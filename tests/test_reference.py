@@ -94,6 +94,13 @@ def test_multimodal_embed_matches_running_count_loop():
                                rtol=0, atol=0)
 
 
+def test_multimodal_embed_accepts_any_id_shape():
+    table, images = torch.randn(5, 3, dtype=f64), torch.randn(1, 3, dtype=f64)
+    torch.testing.assert_close(reference.multimodal_embed(torch.tensor(9), table, images, 9), images[0])
+    torch.testing.assert_close(reference.multimodal_embed(torch.tensor(2), table, images[:0], 9), table[2])
+    assert reference.multimodal_embed(torch.zeros(2, 0, 3, dtype=torch.long), table, images[:0], 9).shape == (2, 0, 3, 3)
+
+
 def test_multimodal_embed_gradients_go_to_their_sources():
     table = torch.randn(5, 3, dtype=f64, requires_grad=True)
     images = torch.randn(2, 3, dtype=f64, requires_grad=True)

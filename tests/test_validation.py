@@ -103,6 +103,14 @@ def test_head_dim_limit():
         varlen(q, k, v)
 
 
+def test_softmax_scale_must_be_finite():
+    q, k, v = attention_inputs()
+    with pytest.raises(ValueError, match="softmax_scale must be finite, got inf"):
+        varlen(q, k, v, softmax_scale=float("inf"))
+    with pytest.raises(TypeError, match="softmax_scale must be None or a number"):
+        varlen(q, k, v, softmax_scale=torch.tensor(0.1))
+
+
 def test_causal_must_be_bool():
     q, k, v = attention_inputs()
     with pytest.raises(TypeError, match="causal must be a bool"):
@@ -233,8 +241,16 @@ def test_layernorm_parameter_of_wrong_size(which):
 
 
 def test_layernorm_eps():
-    with pytest.raises(ValueError, match="eps must be a non-negative number"):
-        nk.pixel_shuffle_layernorm(torch.randn(2, 36, 4), torch.randn(16), torch.randn(16), eps=-1.0)
+    args = (torch.randn(2, 36, 4), torch.randn(16), torch.randn(16))
+    with pytest.raises(ValueError, match="eps must be a finite non-negative number, got -1.0"):
+        nk.pixel_shuffle_layernorm(*args, eps=-1.0)
+    with pytest.raises(TypeError, match="eps must be a number, got str"):
+        nk.pixel_shuffle_layernorm(*args, eps="1e-5")
+
+
+def test_pixel_shuffle_needs_tokens():
+    with pytest.raises(ValueError, match="at least one token and one channel"):
+        nk.pixel_shuffle(torch.randn(2, 0, 4))
 
 
 # --------------------------------------------------------------------------------------------

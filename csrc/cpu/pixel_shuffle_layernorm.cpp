@@ -190,6 +190,7 @@ at::ScalarType stats_dtype(at::ScalarType x_dtype) {
 
 void check_affine(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t width) {
   TORCH_CHECK(t.numel() == width, name, " must have ", width, " elements, got ", t.numel());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), ", x on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " dtype ", t.scalar_type(),
               " differs from x dtype ", x.scalar_type());
 }
@@ -231,6 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_layernorm_backward_
               "mean and rstd must have ", g.rows(), " elements");
   TORCH_CHECK(mean_in.scalar_type() == stats && rstd_in.scalar_type() == stats,
               "mean and rstd must be ", stats);
+  TORCH_CHECK(grad_out_in.device() == x_in.device() && mean_in.device() == x_in.device() &&
+                  rstd_in.device() == x_in.device(),
+              "grad_out, mean and rstd must be on the device of x (", x_in.device(), ")");
   const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous(),
                    weight = weight_in.contiguous(), mean = mean_in.contiguous(),
                    rstd = rstd_in.contiguous();

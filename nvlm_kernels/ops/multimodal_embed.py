@@ -165,6 +165,31 @@ def _backward(ctx, grad_out):
 _multimodal_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    grad_out, input_ids, vocab, num_images, image_token_id = inputs
+    ctx.save_for_backward(input_ids)
+    ctx.image_token_id = image_token_id
+    ctx.shape = (vocab, num_images, grad_out.shape[-1], grad_out.dtype)
+
+
+def _backward_backward(ctx, grad_grad_table, grad_grad_images):
+    # The backward is linear in grad_out and is the adjoint of the forward, so its own backward
+    # is the forward applied to the incoming gradients: double backward stays exact.
+    (input_ids,) = ctx.saved_tensors
+    vocab, num_images, dim, dtype = ctx.shape
+    if grad_grad_table is None:
+        grad_grad_table = input_ids.new_zeros((vocab, dim), dtype=dtype)
+    if grad_grad_images is None:
+        grad_grad_images = input_ids.new_zeros((num_images, dim), dtype=dtype)
+    grad_grad_out = _multimodal_embed_op(input_ids, grad_grad_table, grad_grad_images,
+                                         ctx.image_token_id)
+    return grad_grad_out, None, None, None, None
+
+
+_multimodal_embed_backward_op.register_autograd(_backward_backward,
+                                                setup_context=_backward_setup_context)
+
+
 def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
                      image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """The triton backend of nvlm_kernels.multimodal_embed (inputs already validated)."""

@@ -106,6 +106,19 @@ def _backward(ctx, grad_out):
 _pixel_shuffle_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unshuffle_setup_context(ctx, inputs, output):
+    _grad_out, _channels, scale, grid_h, grid_w = inputs
+    ctx.geometry = (scale, grid_h, grid_w)
+
+
+def _unshuffle_backward(ctx, grad_grad_x):
+    # the inverse permutation's adjoint is the permutation: double backward stays exact
+    return _pixel_shuffle_op(grad_grad_x, *ctx.geometry), None, None, None, None
+
+
+_pixel_unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup_context)
+
+
 def pixel_shuffle(x: torch.Tensor, scale: int = 2,
                   grid: tuple[int, int] | None = None) -> torch.Tensor:
     """The triton backend of nvlm_kernels.pixel_shuffle (inputs already validated)."""

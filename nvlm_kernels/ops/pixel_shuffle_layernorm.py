@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._memory import new_output
+from .._native import refuse_double_backward
 from ..compile_gate import KernelSpec
 from .pixel_shuffle import segment_offset
 
@@ -218,6 +219,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    refuse_double_backward("pixel_shuffle_layernorm")
     x, weight, mean, rstd = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _psln_backward_op(grad_out, x, weight, mean, rstd,
                                                        *ctx.geometry)
