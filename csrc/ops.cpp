@@ -16,6 +16,14 @@ TORCH_LIBRARY(nvlm_kernels, m) {
       "pixel_shuffle_layernorm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, "
       "Tensor rstd, int scale, int grid_h, int grid_w) -> (Tensor grad_x, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // input_ids (...) int32/int64, embed_weight (V, D), image_embeds (M, D) -> (..., D): table rows
+  // at text ids, image rows in order at the image_token_id placeholders.
+  m.def(
+      "multimodal_embed(Tensor input_ids, Tensor embed_weight, Tensor image_embeds, "
+      "int image_token_id) -> Tensor");
+  m.def(
+      "multimodal_embed_backward(Tensor grad_out, Tensor input_ids, int vocab, int num_images, "
+      "int image_token_id) -> (Tensor grad_embed_weight, Tensor grad_image_embeds)");
 }
 
 namespace py = pybind11;

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._memory import new_output
+from .._registration import register_multimodal_embed
 from ..compile_gate import KernelSpec
 
 # Columns per program: 1024 bf16 = 2 KB rows chunks; D = 8192 gives 8 programs per token.
@@ -107,11 +108,6 @@ def _multimodal_embed_op(input_ids: torch.Tensor, embed_weight: torch.Tensor,
     return out.view(*input_ids.shape, dim)
 
 
-@_multimodal_embed_op.register_fake
-def _(input_ids, embed_weight, image_embeds, image_token_id):
-    return embed_weight.new_empty((*input_ids.shape, embed_weight.shape[1]))
-
-
 @torch.library.custom_op("nvlm_triton::multimodal_embed_backward", mutates_args=())
 def _multimodal_embed_backward_op(grad_out: torch.Tensor, input_ids: torch.Tensor, vocab: int,
                                   num_images: int, image_token_id: int
@@ -144,50 +140,7 @@ def _multimodal_embed_backward_op(grad_out: torch.Tensor, input_ids: torch.Tenso
     return grad_table, grad_images
 
 
-@_multimodal_embed_backward_op.register_fake
-def _(grad_out, input_ids, vocab, num_images, image_token_id):
-    dim = grad_out.shape[-1]
-    return grad_out.new_empty((vocab, dim)), grad_out.new_empty((num_images, dim))
-
-
-def _setup_context(ctx, inputs, output):
-    input_ids, embed_weight, image_embeds, image_token_id = inputs
-    ctx.save_for_backward(input_ids)
-    ctx.sizes = (embed_weight.shape[0], image_embeds.shape[0], image_token_id)
-
-
-def _backward(ctx, grad_out):
-    (input_ids,) = ctx.saved_tensors
-    grad_table, grad_images = _multimodal_embed_backward_op(grad_out, input_ids, *ctx.sizes)
-    return None, grad_table, grad_images, None
-
-
-_multimodal_embed_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _backward_setup_context(ctx, inputs, output):
-    grad_out, input_ids, vocab, num_images, image_token_id = inputs
-    ctx.save_for_backward(input_ids)
-    ctx.image_token_id = image_token_id
-    ctx.shape = (vocab, num_images, grad_out.shape[-1], grad_out.dtype)
-
-
-def _backward_backward(ctx, grad_grad_table, grad_grad_images):
-    # The backward is linear in grad_out and is the adjoint of the forward, so its own backward
-    # is the forward applied to the incoming gradients: double backward stays exact.
-    (input_ids,) = ctx.saved_tensors
-    vocab, num_images, dim, dtype = ctx.shape
-    if grad_grad_table is None:
-        grad_grad_table = input_ids.new_zeros((vocab, dim), dtype=dtype)
-    if grad_grad_images is None:
-        grad_grad_images = input_ids.new_zeros((num_images, dim), dtype=dtype)
-    grad_grad_out = _multimodal_embed_op(input_ids, grad_grad_table, grad_grad_images,
-                                         ctx.image_token_id)
-    return grad_grad_out, None, None, None, None
-
-
-_multimodal_embed_backward_op.register_autograd(_backward_backward,
-                                                setup_context=_backward_setup_context)
+register_multimodal_embed(_multimodal_embed_op, _multimodal_embed_backward_op)
 
 
 def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._memory import new_output
-from .._native import refuse_double_backward
+from .._registration import register_pixel_shuffle_layernorm
 from ..compile_gate import KernelSpec
 from .pixel_shuffle import segment_offset
 
@@ -170,14 +170,6 @@ def _psln_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     return out, mean, rstd
 
 
-@_psln_op.register_fake
-def _(x, weight, bias, eps, scale, grid_h, grid_w):
-    _, out_tokens = _geometry(scale, grid_h, grid_w)
-    out = x.new_empty((x.shape[0], out_tokens, x.shape[2] * scale * scale))
-    stats = x.new_empty((x.shape[0], out_tokens), dtype=torch.float32)
-    return out, stats, torch.empty_like(stats)
-
-
 @torch.library.custom_op("nvlm_triton::pixel_shuffle_layernorm_backward", mutates_args=())
 def _psln_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       mean: torch.Tensor, rstd: torch.Tensor, scale: int, grid_h: int,
@@ -205,28 +197,7 @@ def _psln_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return grad_x, grad_weight, grad_bias
 
 
-@_psln_backward_op.register_fake
-def _(grad_out, x, weight, mean, rstd, scale, grid_h, grid_w):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, _bias, _eps, scale, grid_h, grid_w = inputs
-    _out, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.geometry = (scale, grid_h, grid_w)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    refuse_double_backward("pixel_shuffle_layernorm")
-    x, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _psln_backward_op(grad_out, x, weight, mean, rstd,
-                                                       *ctx.geometry)
-    return grad_x, grad_weight, grad_bias, None, None, None, None
-
-
-_psln_op.register_autograd(_backward, setup_context=_setup_context)
+register_pixel_shuffle_layernorm(_psln_op, _psln_backward_op)
 
 
 def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -1,0 +1,115 @@
+"""Fake (shape-only) implementations and autograd wiring shared by the compiled backends.
+
+The native ops (`torch.ops.nvlm_kernels.*`, defined in C++) and the Triton ops
+(`torch.ops.nvlm_triton.*`, custom ops in nvlm_kernels/ops) take the same arguments, so each op's
+fake implementation and backward formula is written once here and registered for both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def refuse_double_backward(op: str) -> None:
+    """Called from a backward: with create_graph=True the gradient of a backward op without a
+    derivative would silently be zero, so say so instead."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"{op}: double backward (create_graph=True) is not supported by "
+                                  f"the native and triton kernels; use the torch backend")
+
+
+def _register_fake(op, fn) -> None:
+    torch.library.register_fake(op)(fn)
+
+
+# --------------------------------------------------------------------------------------------
+# pixel_shuffle_layernorm(x, weight, bias, eps, scale, grid_h, grid_w) -> (out, mean, rstd)
+# pixel_shuffle_layernorm_backward(grad_out, x, weight, mean, rstd, scale, grid_h, grid_w)
+#     -> (grad_x, grad_weight, grad_bias)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _psln_fake(x, weight, bias, eps, scale, grid_h, grid_w):
+    rows = (grid_h // scale) * (grid_w // scale)
+    out = x.new_empty((x.shape[0], rows, x.shape[2] * scale * scale))
+    stats = x.new_empty((x.shape[0], rows), dtype=_stats_dtype(x.dtype))
+    return out, stats, torch.empty_like(stats)
+
+
+def _psln_backward_fake(grad_out, x, weight, mean, rstd, scale, grid_h, grid_w):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def register_pixel_shuffle_layernorm(forward_op, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, _eps, scale, grid_h, grid_w = inputs
+        _out, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.geometry = (scale, grid_h, grid_w)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        refuse_double_backward("pixel_shuffle_layernorm")
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = backward_op(grad_out, x, weight, mean, rstd,
+                                                     *ctx.geometry)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+    _register_fake(forward_op, _psln_fake)
+    _register_fake(backward_op, _psln_backward_fake)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# multimodal_embed(input_ids, embed_weight, image_embeds, image_token_id) -> out
+# multimodal_embed_backward(grad_out, input_ids, vocab, num_images, image_token_id)
+#     -> (grad_embed_weight, grad_image_embeds)
+
+
+def _embed_fake(input_ids, embed_weight, image_embeds, image_token_id):
+    return embed_weight.new_empty((*input_ids.shape, embed_weight.shape[1]))
+
+
+def _embed_backward_fake(grad_out, input_ids, vocab, num_images, image_token_id):
+    dim = grad_out.shape[-1]
+    return grad_out.new_empty((vocab, dim)), grad_out.new_empty((num_images, dim))
+
+
+def register_multimodal_embed(forward_op, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        input_ids, embed_weight, image_embeds, image_token_id = inputs
+        ctx.save_for_backward(input_ids)
+        ctx.sizes = (embed_weight.shape[0], image_embeds.shape[0], image_token_id)
+
+    def backward(ctx, grad_out):
+        (input_ids,) = ctx.saved_tensors
+        grad_table, grad_images = backward_op(grad_out.contiguous(), input_ids, *ctx.sizes)
+        return None, grad_table, grad_images, None
+
+    def backward_setup_context(ctx, inputs, output):
+        grad_out, input_ids, vocab, num_images, image_token_id = inputs
+        ctx.save_for_backward(input_ids)
+        ctx.image_token_id = image_token_id
+        ctx.shape = (vocab, num_images, grad_out.shape[-1], grad_out.dtype)
+
+    def backward_backward(ctx, grad_grad_table, grad_grad_images):
+        # The backward is linear in grad_out and is the adjoint of the forward, so its own
+        # backward is the forward applied to the incoming gradients: double backward is exact.
+        (input_ids,) = ctx.saved_tensors
+        vocab, num_images, dim, dtype = ctx.shape
+        if grad_grad_table is None:
+            grad_grad_table = input_ids.new_zeros((vocab, dim), dtype=dtype)
+        if grad_grad_images is None:
+            grad_grad_images = input_ids.new_zeros((num_images, dim), dtype=dtype)
+        grad_grad_out = forward_op(input_ids, grad_grad_table, grad_grad_images,
+                                   ctx.image_token_id)
+        return grad_grad_out, None, None, None, None
+
+    _register_fake(forward_op, _embed_fake)
+    _register_fake(backward_op, _embed_backward_fake)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    torch.library.register_autograd(backward_op, backward_backward,
+                                    setup_context=backward_setup_context)
