@@ -1,0 +1,133 @@
+"""multimodal_embed on every kernel backend (native C++/CUDA, Triton) against the float64
+reference: placeholder counts, id ranges, id layouts, strides, compile, double backward, and
+bad contents that must not read out of bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nvlm_kernels as nk
+from nvlm_kernels.testing import assert_matches_reference, backend_unavailable_reason
+
+OP = "multimodal_embed"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IMAGE = 151654  # Qwen2.5's <|vision_pad|>: inside the 152064-row table of the 72B model
+
+
+def embed_inputs(ids: torch.Tensor, vocab: int, dim: int, dtype, device, image_id=IMAGE):
+    count = int((ids == image_id).sum())
+    return {"input_ids": ids.to(device), "embed_weight": torch.randn(vocab, dim).to(device, dtype),
+            "image_embeds": torch.randn(count, dim).to(device, dtype), "image_token_id": image_id}
+
+
+def random_ids(shape, vocab, image_fraction, image_id=IMAGE, dtype=torch.int64):
+    ids = torch.randint(0, vocab, shape)
+    ids[torch.rand(shape) < image_fraction] = image_id
+    return ids.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("placeholders", ["none", "one", "many"])
+def test_matches_reference(backend, device, require_backend, dtype, placeholders):
+    require_backend(OP, dtype)
+    ids = random_ids((3, 37), 40, {"none": 0.0, "one": 0.0, "many": 0.4}[placeholders])
+    if placeholders == "one":
+        ids[1, 5] = IMAGE
+    ids[0, 0], ids[2, -1] = 0, 39  # both ends of the table
+    assert_matches_reference(OP, embed_inputs(ids, 40, 72, dtype, device), backend)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(50,), (2, 25), (2, 1, 25), ()])
+def test_id_layouts(backend, device, require_backend, id_dtype, shape):
+    require_backend(OP, torch.float32)
+    ids = random_ids(shape, 30, 0.3, image_id=30, dtype=id_dtype)  # placeholder outside the table
+    assert_matches_reference(OP, embed_inputs(ids, 30, 20, torch.float32, device, image_id=30), backend)
+
+
+def test_repeated_ids_accumulate(backend, device, require_backend):
+    require_backend(OP, torch.float32)
+    ids = torch.tensor([3, 3, 7, 3, 9, 7, 3, 3] * 9)  # long runs of one id in the table grad
+    ids[::5] = 9
+    assert_matches_reference(OP, embed_inputs(ids, 10, 33, torch.float32, device, image_id=9), backend)
+
+
+def test_strided_table_and_images(backend, device, require_backend):
+    require_backend(OP, torch.float32)
+    ids = random_ids((40,), 25, 0.3, image_id=99)
+    count = int((ids == 99).sum())
+    table = torch.randn(24, 25, device=device).t()                # column-major (25, 24)
+    images = torch.randn(count, 48, device=device)[:, ::2]          # row stride 48, element stride 2
+    assert not table.is_contiguous() and not images.is_contiguous()
+    inputs = {"input_ids": ids.to(device), "embed_weight": table, "image_embeds": images,
+              "image_token_id": 99}
+    assert_matches_reference(OP, inputs, backend)
+
+
+def test_double_backward_is_exact(backend, device, require_backend):
+    """The backward is linear in grad_out; its adjoint is the forward."""
+    require_backend(OP, torch.float32)
+    ids = random_ids((2, 9), 12, 0.3, image_id=12).to(device)
+    count = int((ids == 12).sum())
+    results = []
+    for name in ("torch", backend):
+        torch.manual_seed(1)  # the same tables and gradients for both backends
+        table = torch.randn(12, 5, device=device, requires_grad=True)
+        images = torch.randn(count, 5, device=device, requires_grad=True)
+        grad_out = torch.randn(2, 9, 5, device=device, requires_grad=True)
+        with nk.use_backend(name):
+            out = nk.multimodal_embed(ids, table, images, 12)
+        grad_table, grad_images = torch.autograd.grad(out, (table, images), grad_out, create_graph=True)
+        weights_t, weights_i = torch.randn_like(grad_table), torch.randn_like(grad_images)
+        (second,) = torch.autograd.grad((grad_table * weights_t).sum() + (grad_images * weights_i).sum(),
+                                        grad_out)
+        results.append(second)
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_bad_contents_never_read_out_of_bounds(backend, device, require_backend):
+    """Without validation (as on a GPU without NVLM_KERNELS_DEBUG), ids outside the table and
+    extra placeholders give zero rows instead of out-of-bounds reads."""
+    require_backend(OP, torch.float32)
+    op = {"native": torch.ops.nvlm_kernels.multimodal_embed,
+          "triton": torch.ops.nvlm_triton.multimodal_embed}[backend]
+    table = torch.randn(4, 8, device=device)
+    images = torch.randn(1, 8, device=device)
+    ids = torch.tensor([1, -5, 4, 1000, 7, 7, 2], device=device)  # 7 = placeholder, one image row
+    out = op(ids, table, images, 7)
+    torch.testing.assert_close(out[[0, 6]], table[[1, 2]])
+    torch.testing.assert_close(out[4], images[0])
+    assert torch.equal(out[[1, 2, 3, 5]], torch.zeros(4, 8, device=device))
+
+
+def test_torch_compile_without_graph_breaks(backend, device, require_backend):
+    require_backend(OP, torch.float32)
+    ids = random_ids((2, 11), 16, 0.3, image_id=16).to(device)
+    table = torch.randn(16, 8, device=device, requires_grad=True)
+    images = torch.randn(int((ids == 16).sum()), 8, device=device, requires_grad=True)
+
+    def decoder_input(ids, table, images):
+        return nk.multimodal_embed(ids, table, images * 0.5, 16).tanh()
+
+    torch._dynamo.reset()
+    with nk.use_backend(backend):
+        out = torch.compile(decoder_input, fullgraph=True, backend="aot_eager")(ids, table, images)
+        grads = torch.autograd.grad(out.sum(), (table, images))
+    with nk.use_backend("torch"):
+        expected = decoder_input(ids, table, images)
+    expected_grads = torch.autograd.grad(expected.sum(), (table, images))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_native_opcheck(device):
+    if backend_unavailable_reason("native", OP, device, torch.float32):
+        pytest.skip(f"no native {OP} for {device}")
+    ids = random_ids((3, 7), 10, 0.3, image_id=10).to(device)
+    table = torch.randn(10, 6, device=device, requires_grad=True)
+    images = torch.randn(int((ids == 10).sum()), 6, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.nvlm_kernels.multimodal_embed.default, (ids, table, images, 10))
+    torch.library.opcheck(torch.ops.nvlm_kernels.multimodal_embed_backward.default,
+                          (torch.randn(3, 7, 6, device=device), ids, 10, images.shape[0], 10))
