@@ -107,9 +107,12 @@ class CMakeBuild(build_ext):
                          "pip install nvidia-cutlass")
             cmake_args.append(f"-DNVLM_CUTLASS_INCLUDE_DIR={cutlass}")
 
+        # the cmake next to this Python (pip's `cmake` package) before the system one
+        local_cmake = Path(sys.executable).parent / "cmake"
+        cmake = str(local_cmake) if local_cmake.exists() else "cmake"
         print(f"nvlm: building nvlm_kernels._C (CUDA: {with_cuda}) in {build_dir}", flush=True)
-        subprocess.check_call(["cmake", str(ROOT), *cmake_args], cwd=build_dir)
-        subprocess.check_call(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir)
+        subprocess.check_call([cmake, str(ROOT), *cmake_args], cwd=build_dir)
+        subprocess.check_call([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir)
 
 
 ext_modules = [] if _env_flag("NVLM_KERNELS_SKIP_NATIVE") else [CMakeExtension("nvlm_kernels._C")]

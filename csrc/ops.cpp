@@ -7,6 +7,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(nvlm_kernels, m) {
+  // x (N, grid_h*grid_w, C) -> (N, L/scale^2, C*scale^2), NVLM "v2" order; pixel_unshuffle is the
+  // inverse permutation (the backward), with C given explicitly.
+  m.def("pixel_shuffle(Tensor x, int scale, int grid_h, int grid_w) -> Tensor");
+  m.def(
+      "pixel_unshuffle(Tensor grad_out, int channels, int scale, int grid_h, int grid_w) -> "
+      "Tensor");
   // x (N, grid_h*grid_w, C) -> out (N, L/scale^2, C*scale^2), mean and rstd (N, L/scale^2) in
   // float32 (float64 for float64 x), saved for the backward.
   m.def(

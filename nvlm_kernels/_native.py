@@ -42,6 +42,12 @@ def _has_kernel(op: str, device_type: str) -> bool:
         f"nvlm_kernels::{op}", key)
 
 
+def pixel_shuffle(x: torch.Tensor, scale: int = 2,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
+    grid_h, grid_w = grid
+    return torch.ops.nvlm_kernels.pixel_shuffle(x, scale, grid_h, grid_w)
+
+
 def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             eps: float = 1e-5, scale: int = 2,
                             grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -59,6 +65,7 @@ def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
 
 def _register_python_side() -> None:
     ops = torch.ops.nvlm_kernels
+    _registration.register_pixel_shuffle(ops.pixel_shuffle.default, ops.pixel_unshuffle.default)
     _registration.register_pixel_shuffle_layernorm(ops.pixel_shuffle_layernorm.default,
                                                    ops.pixel_shuffle_layernorm_backward.default)
     _registration.register_multimodal_embed(ops.multimodal_embed.default,
@@ -67,8 +74,8 @@ def _register_python_side() -> None:
 
 def _float_on_compiled_device(op: str):
     def supports(device: torch.device, dtype: torch.dtype) -> str | None:
-        if dtype not in _FLOAT_DTYPES:
-            return f"dtype {dtype} is not supported"
+        if dtype not in _FLOAT_DTYPES or (device.type == "cuda" and dtype == torch.float64):
+            return f"dtype {dtype} is not supported on {device.type}"
         if not _has_kernel(op, device.type):
             return f"nvlm_kernels._C has no {device.type} kernel for {op}"
         return None
@@ -78,6 +85,7 @@ def _float_on_compiled_device(op: str):
 
 def implementations() -> dict[str, Implementation]:
     return {
+        "pixel_shuffle": Implementation(pixel_shuffle, _float_on_compiled_device("pixel_shuffle")),
         "pixel_shuffle_layernorm": Implementation(
             pixel_shuffle_layernorm, _float_on_compiled_device("pixel_shuffle_layernorm")),
         "multimodal_embed": Implementation(

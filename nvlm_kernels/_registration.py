@@ -23,6 +23,43 @@ def _register_fake(op, fn) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# pixel_shuffle(x, scale, grid_h, grid_w) -> out
+# pixel_unshuffle(grad_out, channels, scale, grid_h, grid_w) -> grad_x   (the inverse permutation)
+
+
+def _shuffle_fake(x, scale, grid_h, grid_w):
+    tokens = (grid_h // scale) * (grid_w // scale)
+    return x.new_empty((x.shape[0], tokens, x.shape[2] * scale * scale))
+
+
+def _unshuffle_fake(grad_out, channels, scale, grid_h, grid_w):
+    return grad_out.new_empty((grad_out.shape[0], grid_h * grid_w, channels))
+
+
+def register_pixel_shuffle(shuffle_op, unshuffle_op) -> None:
+    """Each permutation's adjoint is the other, so gradients of any order are exact."""
+    def shuffle_setup_context(ctx, inputs, output):
+        x, scale, grid_h, grid_w = inputs
+        ctx.geometry = (x.shape[2], scale, grid_h, grid_w)
+
+    def shuffle_backward(ctx, grad_out):
+        return unshuffle_op(grad_out, *ctx.geometry), None, None, None
+
+    def unshuffle_setup_context(ctx, inputs, output):
+        _grad_out, _channels, scale, grid_h, grid_w = inputs
+        ctx.geometry = (scale, grid_h, grid_w)
+
+    def unshuffle_backward(ctx, grad_grad_x):
+        return shuffle_op(grad_grad_x, *ctx.geometry), None, None, None, None
+
+    _register_fake(shuffle_op, _shuffle_fake)
+    _register_fake(unshuffle_op, _unshuffle_fake)
+    torch.library.register_autograd(shuffle_op, shuffle_backward, setup_context=shuffle_setup_context)
+    torch.library.register_autograd(unshuffle_op, unshuffle_backward,
+                                    setup_context=unshuffle_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # pixel_shuffle_layernorm(x, weight, bias, eps, scale, grid_h, grid_w) -> (out, mean, rstd)
 # pixel_shuffle_layernorm_backward(grad_out, x, weight, mean, rstd, scale, grid_h, grid_w)
 #     -> (grad_x, grad_weight, grad_bias)

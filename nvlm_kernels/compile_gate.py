@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,7 @@ def cuda_sources() -> list[Path]:
 def compile_cuda(source: Path, arch: int) -> list[Report]:
     """ptxas resource usage of every kernel in `source` for sm_<arch> (one Report per kernel)."""
     nvcc = find_nvcc()
-    command = [nvcc, "-c", str(source), "-o", os.devnull, "-std=c++20", "-O3",
+    command = [nvcc, "-c", str(source), "-o", os.devnull, "-std=c++17", "-O3",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
                "--expt-relaxed-constexpr", f"-I{REPO_ROOT / 'csrc'}"]
     cutlass = cutlass_include_dir()
@@ -173,11 +174,26 @@ def compile_cuda(source: Path, arch: int) -> list[Report]:
         elif reports and (m := _PTXAS_USAGE.search(line)):
             reports[-1].registers = int(m.group(1))
             reports[-1].shared_bytes = int(m.group(2) or 0)
-    for report in reports:
+    names = _demangle([r.name.split(":", 1)[1] for r in reports])
+    for report, name in zip(reports, names):
+        report.name = f"{source.name}:{name}"
         _judge(report, 0, expects_wgmma=False)
     if not reports:
         reports.append(Report(source.name, arch, "cuda", problems=["ptxas reported no kernel"]))
     return reports
+
+
+def _demangle(symbols: list[str]) -> list[str]:
+    """Readable kernel names (c++filt, without namespaces and parameter lists) where available."""
+    cxxfilt = shutil.which("c++filt")
+    if not symbols or cxxfilt is None:
+        return symbols
+    result = subprocess.run([cxxfilt], input="\n".join(symbols), capture_output=True, text=True)
+    names = result.stdout.splitlines()
+    if result.returncode != 0 or len(names) != len(symbols):
+        return symbols
+    short = [re.sub(r"nvlm::cuda::|\(anonymous namespace\)::|^void ", "", n) for n in names]
+    return [re.sub(r"\(.*\)$", "", n) for n in short]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""pixel_shuffle on the Triton backend against the reference (a permutation: exact)."""
+"""pixel_shuffle on every kernel backend (Triton; native CUDA where built) against the reference
+(a permutation: exact)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,6 @@ import nvlm_kernels as nk
 from nvlm_kernels.testing import assert_matches_reference
 
 OP = "pixel_shuffle"
-
-pytestmark = pytest.mark.triton_interpret
-
-
-@pytest.fixture
-def backend():
-    return "triton"
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,side,c", [(1, 32, 96), (7, 8, 1024), (3, 6, 3200), (2, 6, 37)])

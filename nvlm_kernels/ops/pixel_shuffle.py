@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .._memory import new_output
+from .._registration import register_pixel_shuffle
 from ..compile_gate import KernelSpec
 
 # Channels per program: 1024 bf16 = 2 KB per program, enough in flight per SM to saturate HBM
@@ -73,12 +74,6 @@ def _pixel_shuffle_op(x: torch.Tensor, scale: int, grid_h: int, grid_w: int) -> 
     return out
 
 
-@_pixel_shuffle_op.register_fake
-def _(x, scale, grid_h, grid_w):
-    tokens = (grid_h // scale) * (grid_w // scale)
-    return x.new_empty((x.shape[0], tokens, x.shape[2] * scale * scale))
-
-
 @torch.library.custom_op("nvlm_triton::pixel_unshuffle", mutates_args=())
 def _pixel_unshuffle_op(grad_out: torch.Tensor, channels: int, scale: int, grid_h: int,
                         grid_w: int) -> torch.Tensor:
@@ -89,34 +84,7 @@ def _pixel_unshuffle_op(grad_out: torch.Tensor, channels: int, scale: int, grid_
     return grad_x
 
 
-@_pixel_unshuffle_op.register_fake
-def _(grad_out, channels, scale, grid_h, grid_w):
-    return grad_out.new_empty((grad_out.shape[0], grid_h * grid_w, channels))
-
-
-def _setup_context(ctx, inputs, output):
-    x, scale, grid_h, grid_w = inputs
-    ctx.geometry = (x.shape[2], scale, grid_h, grid_w)
-
-
-def _backward(ctx, grad_out):
-    return _pixel_unshuffle_op(grad_out, *ctx.geometry), None, None, None
-
-
-_pixel_shuffle_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _unshuffle_setup_context(ctx, inputs, output):
-    _grad_out, _channels, scale, grid_h, grid_w = inputs
-    ctx.geometry = (scale, grid_h, grid_w)
-
-
-def _unshuffle_backward(ctx, grad_grad_x):
-    # the inverse permutation's adjoint is the permutation: double backward stays exact
-    return _pixel_shuffle_op(grad_grad_x, *ctx.geometry), None, None, None, None
-
-
-_pixel_unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup_context)
+register_pixel_shuffle(_pixel_shuffle_op, _pixel_unshuffle_op)
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int = 2,
