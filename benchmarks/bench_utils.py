@@ -1,19 +1,47 @@
-"""Shared helpers of the benchmarks. Benchmarks: each backend of an op against eager PyTorch at NVLM's real shapes, timed in the
-same run (pytest-benchmark). `extra_info` records the bytes an ideal fused kernel moves (or the
-FLOPs of useful work), so benchmarks/report.py can turn times into GB/s, % of the measured
-ceiling and speed-up vs eager. Run: pytest benchmarks  (add --benchmark-disable for a smoke run).
+"""Shared helpers of the benchmarks: each backend of an op against eager PyTorch at NVLM's real
+shapes, timed in the same run (pytest-benchmark). `extra_info` records the bytes an ideal fused
+kernel moves (or the FLOPs of useful work), so benchmarks/report.py can turn times into GB/s,
+% of the measured ceiling and speed-up vs eager. Run: pytest benchmarks  (add
+--benchmark-disable for a one-round smoke run).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import nvlm_kernels as nk
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLEMENTATIONS = ["eager", "native", "triton"]
 
 
 def bench_dtype(device: str) -> torch.dtype:
     """Training precision: bf16 on the GPU; fp32 on the CPU (the CPU trainer runs fp32)."""
     return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def require_implementation(impl: str, op: str, device: str) -> None:
+    """Skip unless `impl` is eager or a backend that runs `op` here (no Triton interpreter: it
+    would time Python, not a kernel)."""
+    if impl == "eager":
+        return
+    if impl == "triton" and device == "cpu":
+        pytest.skip("triton runs on the CPU only under the interpreter; nothing to time")
+    from nvlm_kernels.testing import backend_unavailable_reason
+
+    reason = backend_unavailable_reason(impl, op, device, bench_dtype(device))
+    if reason:
+        pytest.skip(reason)
+
+
+def on_backend(name: str, fn):
+    """fn run inside use_backend(name)."""
+    def run(*args, **kwargs):
+        with nk.use_backend(name):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def synchronized(fn, device: str):
@@ -27,3 +55,11 @@ def synchronized(fn, device: str):
         return result
 
     return run
+
+
+def record(benchmark, *, op: str, mode: str, impl: str, device: str, shape: str,
+           nbytes: int) -> None:
+    """nbytes: what an ideal fused kernel reads and writes in this mode."""
+    benchmark.group = f"{op} {mode} {device}"
+    benchmark.extra_info.update(op=op, mode=mode, impl=impl, device=device,
+                                dtype=str(bench_dtype(device)), shape=shape, bytes=nbytes)

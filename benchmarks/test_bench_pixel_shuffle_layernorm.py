@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import DEVICES, bench_dtype, synchronized
+from bench_utils import (DEVICES, IMPLEMENTATIONS, bench_dtype, on_backend, record,
+                         require_implementation, synchronized)
 
+OP = "pixel_shuffle_layernorm"
 TILES, TOKENS, CHANNELS, SCALE = 7, 1024, 3200, 2
 WIDTH = CHANNELS * SCALE * SCALE
+SHAPE = f"{TILES}x{TOKENS}x{CHANNELS}"
 
 
 def eager_pixel_shuffle_layernorm(x, weight, bias):
@@ -21,28 +24,10 @@ def eager_pixel_shuffle_layernorm(x, weight, bias):
     return F.layer_norm(y, (WIDTH,), weight, bias, 1e-5)
 
 
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
-
-
-def candidates(device: str) -> list[str]:
-    statuses = nk.available_backends()
-    backends = [name for name in ("native", "triton") if statuses[name].available
-                and "pixel_shuffle_layernorm" in statuses[name].ops
-                and not (name == "triton" and device == "cpu")]
-    return ["eager"] + backends
-
-
-def implementation(name: str):
-    if name == "eager":
+def implementation(impl: str):
+    if impl == "eager":
         return eager_pixel_shuffle_layernorm
-
-    def run(x, weight, bias):
-        with nk.use_backend(name):
-            return nk.pixel_shuffle_layernorm(x, weight, bias, 1e-5, SCALE)
-
-    return run
+    return on_backend(impl, lambda x, w, b: nk.pixel_shuffle_layernorm(x, w, b, 1e-5, SCALE))
 
 
 def inputs(device: str, requires_grad: bool):
@@ -53,31 +38,30 @@ def inputs(device: str, requires_grad: bool):
     return [t.requires_grad_(requires_grad) for t in (x, weight, bias)]
 
 
-def record(benchmark, device: str, impl: str, mode: str, element_passes: int) -> None:
-    """element_passes: reads + writes of the big tensor that an ideal fused kernel makes."""
-    dtype = bench_dtype(device)
-    benchmark.group = f"pixel_shuffle_layernorm {mode} {device}"
-    benchmark.extra_info.update(
-        op="pixel_shuffle_layernorm", mode=mode, impl=impl, device=device, dtype=str(dtype),
-        shape=f"{TILES}x{TOKENS}x{CHANNELS}",
-        bytes=element_passes * TILES * TOKENS * CHANNELS * dtype.itemsize)
+def element_bytes(device: str) -> int:
+    return TILES * TOKENS * CHANNELS * bench_dtype(device).itemsize
 
 
-@pytest.mark.parametrize("impl", ["eager", "native", "triton"])
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_forward(benchmark, device, impl):
-    if impl not in candidates(device):
-        pytest.skip(f"{impl} has no pixel_shuffle_layernorm for {device}")
+    require_implementation(impl, OP, device)
     x, weight, bias = inputs(device, requires_grad=False)
     fn = implementation(impl)
-    record(benchmark, device, impl, "forward", element_passes=2)  # read x, write out
+    # read x, write out
+    record(benchmark, op=OP, mode="forward", impl=impl, device=device, shape=SHAPE,
+           nbytes=2 * element_bytes(device))
     out = benchmark(synchronized(lambda: fn(x, weight, bias), device))
     assert out.shape == (TILES, TOKENS // SCALE**2, WIDTH)
 
 
-@pytest.mark.parametrize("impl", ["eager", "native", "triton"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_forward_backward(benchmark, device, impl):
-    if impl not in candidates(device):
-        pytest.skip(f"{impl} has no pixel_shuffle_layernorm for {device}")
+    require_implementation(impl, OP, device)
     x, weight, bias = inputs(device, requires_grad=True)
     grad = torch.randn(TILES, TOKENS // SCALE**2, WIDTH, device=device, dtype=x.dtype)
     fn = implementation(impl)
@@ -86,6 +70,7 @@ def test_forward_backward(benchmark, device, impl):
         return torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad)
 
     # forward: read x, write out; backward: read grad, read x, write dx
-    record(benchmark, device, impl, "forward+backward", element_passes=5)
+    record(benchmark, op=OP, mode="forward+backward", impl=impl, device=device, shape=SHAPE,
+           nbytes=5 * element_bytes(device))
     grads = benchmark(synchronized(step, device))
     assert grads[0].shape == x.shape

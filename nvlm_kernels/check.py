@@ -13,13 +13,13 @@ import sys
 import torch
 
 from ._backends import OPS, available_backends, triton_interpreter_enabled
-from .testing import compare_with_reference, sample_inputs
+from .testing import backend_unavailable_reason, compare_with_reference, sample_inputs
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _skip_reason(backend: str, op: str, ops: tuple[str, ...], device: str, dtype) -> str | None:
-    if op not in ops:
+def _skip_reason(backend: str, op: str, device: str, dtype) -> str | None:
+    if backend_unavailable_reason(backend, op, device, dtype):
         return "n/a"
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16 and op in (
             "varlen_attention", "cross_attention"):
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for status in usable:
             for dtype in dtypes:
-                reason = _skip_reason(status.name, op, status.ops, args.device, dtype)
+                reason = _skip_reason(status.name, op, args.device, dtype)
                 if reason:
                     cells.append(f"{reason:>20}")
                     continue

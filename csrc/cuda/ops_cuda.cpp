@@ -1,10 +1,12 @@
 // Torch glue of the CUDA kernels: argument checks, output allocation, the current stream, and the
 // device-side preparation (running counts, sorting) done with ATen ops, then the launchers of
 // kernels.h. Registered for the CUDA dispatch key of the nvlm_kernels:: ops.
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a
+// CUDA toolkit without the math libraries (or pip's CUDA torch) may not have.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -45,7 +47,7 @@ at::Tensor pixel_shuffle_cuda(const at::Tensor& x_in, int64_t scale, int64_t gri
   at::Tensor out = new_output({s.batch, (grid_h / scale) * (grid_w / scale), s.channels * scale * scale}, x.options());
   C10_CUDA_CHECK(cuda::pixel_shuffle(x.const_data_ptr(), out.mutable_data_ptr(), s,
                                      static_cast<int>(x.element_size()), false,
-                                     at::cuda::getCurrentCUDAStream()));
+                                     c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -62,7 +64,7 @@ at::Tensor pixel_unshuffle_cuda(const at::Tensor& grad_in, int64_t channels, int
               grad_x.numel());
   C10_CUDA_CHECK(cuda::pixel_shuffle(grad.const_data_ptr(), grad_x.mutable_data_ptr(), s,
                                      static_cast<int>(grad.element_size()), true,
-                                     at::cuda::getCurrentCUDAStream()));
+                                     c10::cuda::getCurrentCUDAStream()));
   return grad_x;
 }
 
@@ -100,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_layernorm_cuda(
   C10_CUDA_CHECK(cuda::pixel_shuffle_layernorm_forward(
       x.const_data_ptr(), weight.const_data_ptr(), bias.const_data_ptr(), out.mutable_data_ptr(),
       mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), s, static_cast<float>(eps),
-      scalar_kind(x), at::cuda::getCurrentCUDAStream()));
+      scalar_kind(x), c10::cuda::getCurrentCUDAStream()));
   return {out, mean, rstd};
 }
 
@@ -125,15 +127,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_layernorm_backward_
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_weight = new_output({width}, weight.options());
   at::Tensor grad_bias = new_output({width}, weight.options());
-  const int blocks = cuda::pixel_shuffle_layernorm_backward_blocks(
-      rows, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
+                                        x.device().index()));
+  const int blocks = cuda::pixel_shuffle_layernorm_backward_blocks(rows, multiprocessors);
   at::Tensor partials = at::empty({2, blocks, width}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::pixel_shuffle_layernorm_backward(
       grad.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr<float>(),
       rstd.const_data_ptr<float>(), grad_x.mutable_data_ptr(), grad_weight.mutable_data_ptr(),
       grad_bias.mutable_data_ptr(), partials[0].mutable_data_ptr<float>(),
       partials[1].mutable_data_ptr<float>(), blocks, s, scalar_kind(x),
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream()));
   return {grad_x, grad_weight, grad_bias};
 }
 
@@ -166,7 +170,7 @@ at::Tensor multimodal_embed_cuda(const at::Tensor& input_ids, const at::Tensor& 
       ids.const_data_ptr<int64_t>(), image_index.const_data_ptr<int32_t>(), table.const_data_ptr(),
       table.stride(0), images.const_data_ptr(), images.stride(0), out.mutable_data_ptr(), ids.numel(),
       table.size(0), images.size(0), dim, image_token_id, static_cast<int>(table.element_size()),
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -184,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> multimodal_embed_backward_cuda(const at::Tens
   const at::Tensor grad = grad_in.reshape({tokens, dim}).contiguous();
   at::Tensor grad_table = at::zeros({vocab, dim}, grad.options());
   at::Tensor grad_images = new_output({num_images, dim}, grad.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor is_image = ids == image_token_id;
   // positions[m] = token of the m-th placeholder, -1 if none; slot num_images takes any
   // placeholders beyond the image rows (unvalidated contents only)
