@@ -9,7 +9,7 @@
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), scattered back through the shuffle.
 // One block per SM walks a contiguous range of rows; each thread owns the same columns in every
 // row, so it accumulates dweight = sum(dy * xhat) and dbias = sum(dy) for them in shared memory
-// (2 x D fp32, no synchronization needed) and finally writes the block's partial row; a second
+// (2 x D fp32, no synchronization inside the row loop) and finally writes the block's partial row; a second
 // kernel adds the partial rows in block order, so the result is deterministic.
 #include <cutlass/array.h>
 #include <cutlass/numeric_conversion.h>
@@ -110,7 +110,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* acc_weight = accumulators;
   float* acc_bias = accumulators + width;
   for (int64_t i = threadIdx.x; i < 2 * width; i += kThreads) accumulators[i] = 0.0f;
-  // no barrier needed: each thread only ever touches its own columns (R::index)
+  // The zeroing and the final copy stride over the columns differently from the accumulation
+  // (each thread adds only into its own columns, R::index), hence the barriers around them.
+  __syncthreads();
   const int64_t first = blockIdx.x * rows_per_block;
   const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
   for (int64_t row = first; row < last; ++row) {
@@ -153,6 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  __syncthreads();
   for (int64_t i = threadIdx.x; i < width; i += kThreads) {
     partial_weight[blockIdx.x * width + i] = acc_weight[i];
     partial_bias[blockIdx.x * width + i] = acc_bias[i];
