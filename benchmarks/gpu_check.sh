@@ -51,7 +51,7 @@ if [[ $DRY_RUN == 0 ]]; then
 fi
 step backends 60 "$PY" -c "import nvlm_kernels as nk; [print(s) for s in nk.available_backends().values()]"
 step check 120 "$PY" -m nvlm_kernels.check --device "$DEVICE"
-step tests 240 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step tests 300 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 step ceilings 60 "$PY" benchmarks/ceilings.py --device "$DEVICE" --out "$WORK/ceilings.json"
 step benchmarks 240 "$PY" -m pytest -q -p no:cacheprovider benchmarks "${BENCH_ARGS[@]}" \
   --benchmark-json="$WORK/benchmarks-raw.json"
