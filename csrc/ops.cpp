@@ -23,7 +23,8 @@ TORCH_LIBRARY(nvlm_kernels, m) {
       "Tensor rstd, int scale, int grid_h, int grid_w) -> (Tensor grad_x, Tensor grad_weight, "
       "Tensor grad_bias)");
   // input_ids (...) int32/int64, embed_weight (V, D), image_embeds (M, D) -> (..., D): table rows
-  // at text ids, image rows in order at the image_token_id placeholders.
+  // at text ids, image rows in order at the image_token_id placeholders. The backward takes
+  // vocab = 0 (num_images = 0) to skip the table (image) gradient.
   m.def(
       "multimodal_embed(Tensor input_ids, Tensor embed_weight, Tensor image_embeds, "
       "int image_token_id) -> Tensor");

@@ -103,7 +103,8 @@ def register_pixel_shuffle_layernorm(forward_op, backward_op) -> None:
 # --------------------------------------------------------------------------------------------
 # multimodal_embed(input_ids, embed_weight, image_embeds, image_token_id) -> out
 # multimodal_embed_backward(grad_out, input_ids, vocab, num_images, image_token_id)
-#     -> (grad_embed_weight, grad_image_embeds)
+#     -> (grad_embed_weight, grad_image_embeds); vocab = 0 (num_images = 0) skips the table (image)
+#     gradient, e.g. for a frozen embedding table: no (V, D) allocation, no sort.
 
 
 def _embed_fake(input_ids, embed_weight, image_embeds, image_token_id):
@@ -123,8 +124,12 @@ def register_multimodal_embed(forward_op, backward_op) -> None:
 
     def backward(ctx, grad_out):
         (input_ids,) = ctx.saved_tensors
-        grad_table, grad_images = backward_op(grad_out.contiguous(), input_ids, *ctx.sizes)
-        return None, grad_table, grad_images, None
+        vocab, num_images, image_token_id = ctx.sizes
+        need_table, need_images = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_table, grad_images = backward_op(grad_out.contiguous(), input_ids,
+                                              vocab if need_table else 0,
+                                              num_images if need_images else 0, image_token_id)
+        return None, grad_table if need_table else None, grad_images if need_images else None, None
 
     def backward_setup_context(ctx, inputs, output):
         grad_out, input_ids, vocab, num_images, image_token_id = inputs

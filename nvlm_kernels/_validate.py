@@ -143,6 +143,11 @@ def multimodal_embed_args(input_ids, embed_weight, image_embeds, image_token_id)
         raise ValueError(f"image_embeds must have D = {embed_weight.shape[1]} columns like "
                          f"embed_weight, got shape {_shape(image_embeds)}")
     require_int("image_token_id", image_token_id)
+    id_range = torch.iinfo(input_ids.dtype)
+    if not id_range.min <= image_token_id <= id_range.max:
+        # torch would wrap it in the comparison with the ids; the kernels compare in int64
+        raise ValueError(f"image_token_id = {image_token_id} does not fit the {input_ids.dtype} "
+                         f"input_ids [{id_range.min}, {id_range.max}]")
     if contents_checked(input_ids):
         is_image = input_ids == image_token_id
         placeholders = int(is_image.sum())

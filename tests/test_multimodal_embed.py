@@ -86,6 +86,29 @@ def test_double_backward_is_exact(backend, device, require_backend):
     torch.testing.assert_close(results[1], results[0])
 
 
+@pytest.mark.parametrize("frozen", ["embed_weight", "image_embeds"])
+def test_frozen_inputs_get_no_gradient(backend, device, require_backend, frozen):
+    """A frozen table (NVLM pretraining trains only the projector) must cost no (V, D) gradient."""
+    require_backend(OP, torch.float32)
+    ids = random_ids((3, 8), 20, 0.3, image_id=20).to(device)
+    inputs = embed_inputs(ids, 20, 6, torch.float32, device, image_id=20)
+    trained = "image_embeds" if frozen == "embed_weight" else "embed_weight"
+    inputs[trained].requires_grad_(True)
+    with nk.use_backend(backend):
+        out = nk.multimodal_embed(**inputs)
+    (grad,) = torch.autograd.grad(out.square().sum(), inputs[trained])
+    with nk.use_backend("torch"):
+        expected = nk.multimodal_embed(**inputs)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), inputs[trained])[0])
+    assert inputs[frozen].grad is None
+
+
+def test_zero_width(backend, device, require_backend):
+    require_backend(OP, torch.float32)
+    assert_matches_reference(OP, embed_inputs(random_ids((2, 5), 9, 0.3, image_id=9), 9, 0,
+                                              torch.float32, device, image_id=9), backend)
+
+
 def test_bad_contents_never_read_out_of_bounds(backend, device, require_backend):
     """Without validation (as on a GPU without NVLM_KERNELS_DEBUG), ids outside the table and
     extra placeholders give zero rows instead of out-of-bounds reads."""

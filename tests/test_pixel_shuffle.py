@@ -54,3 +54,14 @@ def test_torch_compile_without_graph_breaks(backend, device, require_backend):
     expected = nk.reference.pixel_shuffle(x + 1.0).sin()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), x)[0])
+
+
+def test_native_opcheck(device):
+    from nvlm_kernels.testing import backend_unavailable_reason
+
+    if backend_unavailable_reason("native", OP, device, torch.float32):
+        pytest.skip(f"no native {OP} for {device} (the native op is CUDA only)")
+    x = torch.randn(2, 36, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.nvlm_kernels.pixel_shuffle.default, (x, 2, 6, 6))
+    torch.library.opcheck(torch.ops.nvlm_kernels.pixel_unshuffle.default,
+                          (torch.randn(2, 9, 20, device=device, requires_grad=True), 5, 2, 6, 6))

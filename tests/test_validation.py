@@ -198,6 +198,12 @@ def test_float_ids():
         nk.multimodal_embed(ids.float(), table, images, 9)
 
 
+def test_image_token_id_must_fit_the_id_dtype():
+    ids, table, images = embed_inputs()
+    with pytest.raises(ValueError, match=r"image_token_id = 4294967296 does not fit the torch.int32"):
+        nk.multimodal_embed(ids.int(), table, images[:0], 2**32)
+
+
 def test_image_rows_of_other_dtype_or_width():
     ids, table, images = embed_inputs()
     with pytest.raises(TypeError, match="image_embeds must have the dtype of embed_weight"):

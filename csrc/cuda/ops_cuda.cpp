@@ -31,8 +31,14 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
 }
 
+// Grids are launched with one block per row, token or segment along x (at most 2^31 - 1).
+void check_grid(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks <= INT32_MAX, "too many ", what, " for one launch: ", blocks, " > ", INT32_MAX);
+}
+
 cuda::Shuffle shuffle_of(const at::Tensor& x, int64_t scale, int64_t grid_h, int64_t grid_w) {
   const ShuffleGeometry g = check_shuffle_geometry(x, scale, grid_h, grid_w);
+  check_grid(g.rows() * scale * scale, "pixel-shuffle segments");
   return cuda::Shuffle{g.batch, g.grid_h, g.grid_w, g.channels, g.scale};
 }
 
@@ -127,16 +133,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_layernorm_backward_
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_weight = new_output({width}, weight.options());
   at::Tensor grad_bias = new_output({width}, weight.options());
-  int multiprocessors = 0;
+  int multiprocessors = 0, shared_memory_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
                                         x.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_memory_limit,
+                                        cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
   const int blocks = cuda::pixel_shuffle_layernorm_backward_blocks(rows, multiprocessors);
   at::Tensor partials = at::empty({2, blocks, width}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::pixel_shuffle_layernorm_backward(
       grad.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr<float>(),
       rstd.const_data_ptr<float>(), grad_x.mutable_data_ptr(), grad_weight.mutable_data_ptr(),
       grad_bias.mutable_data_ptr(), partials[0].mutable_data_ptr<float>(),
-      partials[1].mutable_data_ptr<float>(), blocks, s, scalar_kind(x),
+      partials[1].mutable_data_ptr<float>(), blocks, shared_memory_limit, s, scalar_kind(x),
       c10::cuda::getCurrentCUDAStream()));
   return {grad_x, grad_weight, grad_bias};
 }
@@ -165,6 +173,7 @@ at::Tensor multimodal_embed_cuda(const at::Tensor& input_ids, const at::Tensor& 
   sizes.push_back(dim);
   at::Tensor out = new_output(sizes, table.options());
   // running placeholder count on the device: no host sync
+  check_grid(ids.numel(), "tokens");
   const at::Tensor image_index = at::cumsum(ids == image_token_id, 0, at::kInt) - 1;
   C10_CUDA_CHECK(cuda::multimodal_embed_forward(
       ids.const_data_ptr<int64_t>(), image_index.const_data_ptr<int32_t>(), table.const_data_ptr(),
@@ -190,16 +199,19 @@ std::tuple<at::Tensor, at::Tensor> multimodal_embed_backward_cuda(const at::Tens
   at::Tensor grad_images = new_output({num_images, dim}, grad.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor is_image = ids == image_token_id;
-  // positions[m] = token of the m-th placeholder, -1 if none; slot num_images takes any
-  // placeholders beyond the image rows (unvalidated contents only)
-  const at::Tensor image_index = at::cumsum(is_image, 0, at::kLong) - 1;
-  at::Tensor positions = at::full({num_images + 1}, -1, ids.options());
-  positions.scatter_(0, at::where(is_image, image_index.clamp_max(num_images), num_images),
-                     at::arange(tokens, ids.options()));
-  C10_CUDA_CHECK(cuda::multimodal_embed_image_grad(grad.const_data_ptr(), positions.const_data_ptr<int64_t>(),
-                                                   grad_images.mutable_data_ptr(), num_images, dim,
-                                                   static_cast<int>(grad.element_size()), stream));
-  if (tokens > 0) {
+  if (num_images > 0 && dim > 0) {
+    check_grid(num_images, "image rows");
+    // positions[m] = token of the m-th placeholder, -1 if none; slot num_images takes any
+    // placeholders beyond the image rows (unvalidated contents only)
+    const at::Tensor image_index = at::cumsum(is_image, 0, at::kLong) - 1;
+    at::Tensor positions = at::full({num_images + 1}, -1, ids.options());
+    positions.scatter_(0, at::where(is_image, image_index.clamp_max(num_images), num_images),
+                       at::arange(tokens, ids.options()));
+    C10_CUDA_CHECK(cuda::multimodal_embed_image_grad(
+        grad.const_data_ptr(), positions.const_data_ptr<int64_t>(), grad_images.mutable_data_ptr(),
+        num_images, dim, static_cast<int>(grad.element_size()), stream));
+  }
+  if (tokens > 0 && vocab > 0 && dim > 0) {
     const at::Tensor no_table_grad = is_image.logical_or(ids < 0).logical_or(ids >= vocab);
     // the optional<bool> overload: a plain `true` would select sort(self, dim)
     const auto [sorted_keys, order] =

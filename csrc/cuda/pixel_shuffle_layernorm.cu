@@ -8,9 +8,10 @@
 // Backward: with xhat = (x - mean) * rstd and g = dy * weight,
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), scattered back through the shuffle.
 // One block per SM walks a contiguous range of rows; each thread owns the same columns in every
-// row, so it accumulates dweight = sum(dy * xhat) and dbias = sum(dy) for them in shared memory
-// (2 x D fp32, no synchronization inside the row loop) and finally writes the block's partial row; a second
-// kernel adds the partial rows in block order, so the result is deterministic.
+// row, so it accumulates dweight = sum(dy * xhat) and dbias = sum(dy) for them without any
+// synchronization inside the row loop: in shared memory (2 x D fp32 = 100 KB at D = 12800) where
+// the card allows that much per block, else directly in the block's partial row in global memory
+// (L2-resident). A second kernel adds the partial rows in block order: deterministic.
 #include <cutlass/array.h>
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
@@ -103,13 +104,13 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const T* __restrict__ weight, const float* __restrict__ mean,
                     const float* __restrict__ rstd, T* __restrict__ grad_x,
                     float* __restrict__ partial_weight, float* __restrict__ partial_bias,
-                    int64_t rows, int64_t rows_per_block, Shuffle s) {
+                    int64_t rows, int64_t rows_per_block, Shuffle s, bool shared_accumulators) {
   using R = Row<T, kVec>;
-  extern __shared__ float accumulators[];  // [width] dweight, then [width] dbias
+  extern __shared__ float shared[];  // [width] dweight, then [width] dbias, when they fit
   const int64_t width = s.channels * s.scale * s.scale;
-  float* acc_weight = accumulators;
-  float* acc_bias = accumulators + width;
-  for (int64_t i = threadIdx.x; i < 2 * width; i += kThreads) accumulators[i] = 0.0f;
+  float* acc_weight = shared_accumulators ? shared : partial_weight + blockIdx.x * width;
+  float* acc_bias = shared_accumulators ? shared + width : partial_bias + blockIdx.x * width;
+  for (int64_t i = threadIdx.x; i < width; i += kThreads) acc_weight[i] = acc_bias[i] = 0.0f;
   // The zeroing and the final copy stride over the columns differently from the accumulation
   // (each thread adds only into its own columns, R::index), hence the barriers around them.
   __syncthreads();
@@ -156,9 +157,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < width; i += kThreads) {
-    partial_weight[blockIdx.x * width + i] = acc_weight[i];
-    partial_bias[blockIdx.x * width + i] = acc_bias[i];
+  if (shared_accumulators) {
+    for (int64_t i = threadIdx.x; i < width; i += kThreads) {
+      partial_weight[blockIdx.x * width + i] = acc_weight[i];
+      partial_bias[blockIdx.x * width + i] = acc_bias[i];
+    }
   }
 }
 
@@ -211,25 +214,30 @@ cudaError_t forward(const void* x, const void* weight, const void* bias, void* o
 template <typename T, int kVec>
 cudaError_t launch_backward(const T* grad, const T* x, const T* weight, const float* mean,
                             const float* rstd, T* grad_x, float* partial_weight,
-                            float* partial_bias, int blocks, int64_t rows,
-                            int64_t rows_per_block, const Shuffle& s, cudaStream_t stream) {
+                            float* partial_bias, int blocks, int shared_memory_limit,
+                            int64_t rows, int64_t rows_per_block, const Shuffle& s,
+                            cudaStream_t stream) {
   const int64_t width = s.channels * s.scale * s.scale;
-  const size_t shared = 2 * static_cast<size_t>(width) * sizeof(float);  // <= 128 KB
+  const int64_t wanted = 2 * width * static_cast<int64_t>(sizeof(float));  // <= 128 KB
+  const bool shared_accumulators = wanted <= shared_memory_limit;
+  const size_t shared = shared_accumulators ? static_cast<size_t>(wanted) : 0;
   auto kernel = backward_kernel<T, kVec>;
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(shared));
-  if (status != cudaSuccess) return status;
+  if (shared_accumulators) {
+    const cudaError_t status = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (status != cudaSuccess) return status;
+  }
   kernel<<<blocks, kThreads, shared, stream>>>(grad, x, weight, mean, rstd, grad_x,
                                                partial_weight, partial_bias, rows,
-                                               rows_per_block, s);
+                                               rows_per_block, s, shared_accumulators);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t backward(const void* grad_out, const void* x, const void* weight, const float* mean,
                      const float* rstd, void* grad_x, void* grad_weight, void* grad_bias,
-                     float* partial_weight, float* partial_bias, int blocks, const Shuffle& s,
-                     cudaStream_t stream) {
+                     float* partial_weight, float* partial_bias, int blocks,
+                     int shared_memory_limit, const Shuffle& s, cudaStream_t stream) {
   const int64_t rows = shuffle_rows(s);
   const int64_t width = s.channels * s.scale * s.scale;
   const int64_t rows_per_block = (rows + blocks - 1) / blocks;
@@ -240,10 +248,10 @@ cudaError_t backward(const void* grad_out, const void* x, const void* weight, co
   cudaError_t status =
       vectorizable<T>(s, {grad_out, x, weight, grad_x})
           ? launch_backward<T, full_vector<T>()>(g, xt, wt, mean, rstd, gx, partial_weight,
-                                                 partial_bias, blocks, rows, rows_per_block, s,
-                                                 stream)
+                                                 partial_bias, blocks, shared_memory_limit, rows,
+                                                 rows_per_block, s, stream)
           : launch_backward<T, 1>(g, xt, wt, mean, rstd, gx, partial_weight, partial_bias,
-                                  blocks, rows, rows_per_block, s, stream);
+                                  blocks, shared_memory_limit, rows, rows_per_block, s, stream);
   if (status != cudaSuccess) return status;
   const unsigned column_blocks = static_cast<unsigned>((width + 255) / 256);
   sum_partials_kernel<T><<<column_blocks, 256, 0, stream>>>(
@@ -279,19 +287,21 @@ cudaError_t pixel_shuffle_layernorm_backward(const void* grad_out, const void* x
                                              const void* weight, const float* mean,
                                              const float* rstd, void* grad_x, void* grad_weight,
                                              void* grad_bias, float* partial_weight,
-                                             float* partial_bias, int blocks, const Shuffle& s,
+                                             float* partial_bias, int blocks,
+                                             int shared_memory_limit, const Shuffle& s,
                                              ScalarKind kind, cudaStream_t stream) {
   switch (kind) {
     case ScalarKind::Float16:
       return backward<cutlass::half_t>(grad_out, x, weight, mean, rstd, grad_x, grad_weight,
-                                       grad_bias, partial_weight, partial_bias, blocks, s, stream);
+                                       grad_bias, partial_weight, partial_bias, blocks,
+                                       shared_memory_limit, s, stream);
     case ScalarKind::BFloat16:
       return backward<cutlass::bfloat16_t>(grad_out, x, weight, mean, rstd, grad_x, grad_weight,
-                                           grad_bias, partial_weight, partial_bias, blocks, s,
-                                           stream);
+                                           grad_bias, partial_weight, partial_bias, blocks,
+                                           shared_memory_limit, s, stream);
     default:
       return backward<float>(grad_out, x, weight, mean, rstd, grad_x, grad_weight, grad_bias,
-                             partial_weight, partial_bias, blocks, s, stream);
+                             partial_weight, partial_bias, blocks, shared_memory_limit, s, stream);
   }
 }
 

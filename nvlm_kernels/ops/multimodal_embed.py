@@ -113,24 +113,23 @@ def _multimodal_embed_backward_op(grad_out: torch.Tensor, input_ids: torch.Tenso
                                   num_images: int, image_token_id: int
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     ids = input_ids.reshape(-1).contiguous()
-    dim = grad_out.shape[-1]
-    grad = grad_out.reshape(-1, dim).contiguous()
+    tokens, dim = ids.numel(), grad_out.shape[-1]
+    grad = grad_out.reshape(tokens, dim).contiguous()
     grad_table = torch.zeros((vocab, dim), dtype=grad.dtype, device=grad.device)
     grad_images = new_output((num_images, dim), dtype=grad.dtype, device=grad.device)
-    tokens = ids.numel()
-    if dim == 0 or (tokens == 0 and num_images == 0):
+    if dim == 0:
         return grad_table, grad_images
     block_d = _block_d(dim)
     is_image, image_index = _image_index(ids, image_token_id)
-    # positions[m] = token of the m-th placeholder (-1 if none); slot num_images collects the
-    # placeholders beyond the image rows, which only unvalidated contents can produce.
-    positions = torch.full((num_images + 1,), -1, dtype=torch.int64, device=grad.device)
-    slot = torch.where(is_image, image_index.long().clamp(max=num_images), num_images)
-    positions.scatter_(0, slot, torch.arange(tokens, device=grad.device))
     if num_images:
+        # positions[m] = token of the m-th placeholder (-1 if none); slot num_images collects
+        # the placeholders beyond the image rows, which only unvalidated contents can produce.
+        positions = torch.full((num_images + 1,), -1, dtype=torch.int64, device=grad.device)
+        slot = torch.where(is_image, image_index.long().clamp(max=num_images), num_images)
+        positions.scatter_(0, slot, torch.arange(tokens, device=grad.device))
         _image_grad_kernel[(num_images, triton.cdiv(dim, block_d))](
             grad, positions, grad_images, dim, BLOCK_D=block_d, num_warps=4)
-    if tokens:
+    if tokens and vocab:
         ids64 = ids.long()
         no_table_grad = is_image | (ids64 < 0) | (ids64 >= vocab)
         sorted_keys, order = torch.sort(ids64.masked_fill(no_table_grad, vocab), stable=True)
