@@ -22,7 +22,8 @@ FAILED=()
 
 if [[ $DRY_RUN == 1 ]]; then
   PY="${PYTHON:-.venv/bin/python}"
-  TESTS=(tests/test_native.py tests/test_reference.py tests/test_harness.py)
+  TESTS=(tests/test_pixel_shuffle_layernorm.py tests/test_multimodal_embed.py tests/test_reference.py
+         tests/test_harness.py)
   BENCH_ARGS=(--benchmark-min-rounds=1 --benchmark-max-time=0.05 --benchmark-warmup=off)
   DEVICE=cpu
 else
