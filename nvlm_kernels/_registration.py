@@ -155,3 +155,41 @@ def register_multimodal_embed(forward_op, backward_op) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
     torch.library.register_autograd(backward_op, backward_backward,
                                     setup_context=backward_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+#                  softmax_scale, causal) -> (out, lse)        lse: (Hq, total_q) fp32
+# varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+#                           max_seqlen_q, max_seqlen_k, softmax_scale, causal) -> (dq, dk, dv)
+
+
+def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, causal):
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def register_varlen_attention(forward_op, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, softmax_scale, causal
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        refuse_double_backward("varlen_attention")
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                 *ctx.scalars)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    _register_fake(forward_op, _attention_fake)
+    _register_fake(backward_op, _attention_backward_fake)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
