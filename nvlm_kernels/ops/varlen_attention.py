@@ -10,7 +10,7 @@ bottom-right (query i of lq sees key j <= i + lk - lq) and key blocks entirely a
 are never visited; GQA maps query head h to key head h // (Hq / Hkv) without copying K/V; the
 log-sum-exp of each row is saved (+inf for a row that sees no key, whose output is 0).
 
-Backward: D = rowsum(O * dO) first; then dK/dV in one pass over key blocks (each program owns a
+Backward: D = rowsum(O * dO) first (a small kernel); then dK/dV in one pass over key blocks (each program owns a
 key block of one key head and loops over the query heads of its GQA group and the query blocks
 that see it) and dQ in a second pass over query blocks. Two passes recompute Q K^T twice, against
 atomics on dQ (flash-attention 2's choice) that would make results run-to-run nondeterministic
@@ -106,6 +106,25 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
                  mask=row_mask[:, None] & dim_mask[None, :])
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # log2 units
         tl.store(lse_ptr + head.to(tl.int64) * total_q + q_start + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(out_ptr, grad_out_ptr, delta_ptr, stride_ot, stride_oh, stride_dot,
+                           stride_doh, total_q, head_dim, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """delta[h, i] = sum_d out[i, h, d] * grad_out[i, h, d] in fp32 (the softmax backward's
+    row term), in the (Hq, total_q) layout of the saved log-sum-exp."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    dims = tl.arange(0, HEAD_DIM)
+    mask = (rows < total_q)[:, None] & (dims < head_dim)[None, :]
+    offsets = rows[:, None].to(tl.int64)
+    out = tl.load(out_ptr + offsets * stride_ot + head * stride_oh + dims[None, :], mask=mask,
+                  other=0.0).to(tl.float32)
+    grad_out = tl.load(grad_out_ptr + offsets * stride_dot + head * stride_doh + dims[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + head.to(tl.int64) * total_q + rows, tl.sum(out * grad_out, axis=1),
+             mask=rows < total_q)
 
 
 @triton.jit
@@ -242,6 +261,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
 # pass) and never re-tuned per total length.
 
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
+_DELTA_ROWS = 32
 
 
 def _config(device: torch.device, head_dim_padded: int, kind: str) -> tuple[int, int, int, int]:
@@ -322,9 +342,12 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     if total_q == 0 or total_k == 0 or batch <= 0:
         return dq, dk, dv
     _check_grid(batch, heads)
-    # D_i = rowsum(O * dO), (Hq, total_q) fp32, like the saved log-sum-exp
-    delta = (out.float() * grad_out.float()).sum(-1).t().contiguous()
+    out = _unit_last_stride(out)
     padded = _head_dim_padded(head_dim)
+    delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(total_q, _DELTA_ROWS), heads)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0),
+        grad_out.stride(1), total_q, head_dim, HEAD_DIM=padded, BLOCK_M=_DELTA_ROWS, num_warps=4)
     block_m, block_n, warps, stages = _config(q.device, padded, "bwd")
     common = dict(GROUP=heads // kv_heads, CAUSAL=causal, HEAD_DIM=padded, BLOCK_M=block_m,
                   BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32, num_warps=warps,
@@ -362,7 +385,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _specs() -> list[KernelSpec]:
-    specs = []
+    specs = [KernelSpec(
+        f"varlen_attention_bwd_delta[d={padded}]", _attn_bwd_delta_kernel,
+        {"out_ptr": "*bf16", "grad_out_ptr": "*bf16", "delta_ptr": "*fp32", "stride_ot": "i32",
+         "stride_oh": "i32", "stride_dot": "i32", "stride_doh": "i32", "total_q": "i32",
+         "head_dim": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},
+        {"HEAD_DIM": padded, "BLOCK_M": _DELTA_ROWS},
+        divisible_by_16=("out_ptr", "grad_out_ptr", "stride_ot", "stride_oh", "stride_dot",
+                         "stride_doh", "head_dim"), expects_16_byte_access=True)
+        for padded in (64, 128, 256)]
     for (arch, kind, padded), (block_m, block_n, warps, stages) in _CONFIGS.items():
         for causal in (False, True):
             for dtype in ("bf16",):  # fp16 lowers to the same code shape
