@@ -77,7 +77,9 @@ def _psln_fake(x, weight, bias, eps, scale, grid_h, grid_w):
 
 
 def _psln_backward_fake(grad_out, x, weight, mean, rstd, scale, grid_h, grid_w):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    # new_empty(shape), not empty_like: the real ops return contiguous tensors whatever the
+    # inputs' strides, and torch.compile checks the fake's strides against them
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def register_pixel_shuffle_layernorm(forward_op, backward_op) -> None:
@@ -167,12 +169,12 @@ def register_multimodal_embed(forward_op, backward_op) -> None:
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     softmax_scale, causal):
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    return torch.empty_like(q), lse
+    return q.new_empty(q.shape), lse
 
 
 def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def register_varlen_attention(forward_op, backward_op) -> None:

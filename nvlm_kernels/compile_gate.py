@@ -72,7 +72,7 @@ class Report:
         return not self.problems
 
 
-_RESOURCE_LINE = re.compile(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)")
+_RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def cuobjdump_path() -> str:
@@ -108,9 +108,10 @@ def compile_triton(spec: KernelSpec, arch: int) -> Report:
         report.problems.append(f"cuobjdump printed no resource line: {dump!r}")
         return report
     report.registers = int(match.group(1))
-    report.spill_bytes = int(match.group(3))
+    # Register spills land in the per-thread stack frame (STACK); LOCAL counts other local arrays.
+    report.spill_bytes = int(match.group(2)) + int(match.group(4))
     # Triton allocates its shared memory dynamically: metadata.shared is what a launch requests.
-    report.shared_bytes = max(int(compiled.metadata.shared), int(match.group(2)))
+    report.shared_bytes = max(int(compiled.metadata.shared), int(match.group(3)))
     report.uses_wgmma = "wgmma" in compiled.asm["ptx"]
     report.widest_access_bits = _widest_global_access(compiled.asm["ptx"])
     _judge(report, spec.allowed_spill_bytes, spec.expects_wgmma)

@@ -264,25 +264,34 @@ _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _DELTA_ROWS = 32
 
 
-def _config(device: torch.device, head_dim_padded: int, kind: str) -> tuple[int, int, int, int]:
+def _config(device: torch.device, head_dim_padded: int, kind: str,
+            dtype: torch.dtype) -> tuple[int, int, int, int]:
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
-    return _CONFIGS[("sm90" if hopper else "sm80", kind, min(head_dim_padded, 256))]
+    arch = "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+    width = "fp32" if dtype == torch.float32 else "16bit"
+    return _CONFIGS[(arch, kind, min(head_dim_padded, 256), width)]
 
 
 # Shared memory per forward program: Q (BM x D) + stages x (K + V) (BN x D), 2-byte elements.
-# sm90 forward d=128: 32 KB + 3 x 32 KB = 128 KB of 227 KB. The compile gate checks every entry.
+# sm90 forward d=128: 32 KB + 3 x 32 KB = 128 KB of 227 KB. fp32 inputs (IEEE dots) get smaller
+# tiles: their elements are twice as wide. The compile gate builds every entry.
 _CONFIGS = {
-    **{("sm90", "fwd", d): (128, 64, 8, 3) for d in (16, 32, 64, 128)},
-    ("sm90", "fwd", 256): (64, 32, 8, 2),
-    **{("sm80", "fwd", d): (128, 64, 4, 2) for d in (16, 32, 64)},
-    ("sm80", "fwd", 128): (128, 32, 8, 2),
-    ("sm80", "fwd", 256): (64, 32, 8, 1),
-    **{(arch, "bwd", d): (64, 64, 4, 2) for arch in ("sm90", "sm80") for d in (16, 32, 64)},
-    **{(arch, "bwd", 128): (64, 64, 8, 2) for arch in ("sm90", "sm80")},
-    ("sm90", "bwd", 256): (64, 64, 8, 1),  # 64-row blocks: wgmma needs M >= 64 per warpgroup
-    ("sm80", "bwd", 256): (32, 32, 8, 1),
+    **{("sm90", "fwd", d, "16bit"): (128, 64, 8, 3) for d in (16, 32, 64, 128)},
+    ("sm90", "fwd", 256, "16bit"): (64, 32, 8, 2),
+    **{("sm80", "fwd", d, "16bit"): (128, 64, 4, 2) for d in (16, 32, 64)},
+    ("sm80", "fwd", 128, "16bit"): (128, 32, 8, 2),
+    ("sm80", "fwd", 256, "16bit"): (64, 32, 8, 1),
+    **{(arch, "bwd", d, "16bit"): (64, 64, 4, 2) for arch in ("sm90", "sm80") for d in (16, 32, 64)},
+    **{(arch, "bwd", 128, "16bit"): (64, 64, 8, 2) for arch in ("sm90", "sm80")},
+    ("sm90", "bwd", 256, "16bit"): (64, 64, 8, 1),  # 64-row blocks: wgmma needs M >= 64
+    ("sm80", "bwd", 256, "16bit"): (32, 32, 8, 1),
+    **{(arch, "fwd", d, "fp32"): (64, 32, 4, 2) for arch in ("sm90", "sm80")
+       for d in (16, 32, 64, 128)},
+    **{(arch, "fwd", 256, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")},
+    **{(arch, "bwd", d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
+       for d in (16, 32, 64, 128)},
+    **{(arch, "bwd", 256, "fp32"): (16, 16, 4, 1) for arch in ("sm90", "sm80")},
 }
 
 
@@ -314,7 +323,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out.zero_(), lse.fill_(float("inf"))
     _check_grid(batch, heads)
     padded = _head_dim_padded(head_dim)
-    block_m, block_n, warps, stages = _config(q.device, padded, "fwd")
+    block_m, block_n, warps, stages = _config(q.device, padded, "fwd", q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
@@ -348,7 +357,7 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     _attn_bwd_delta_kernel[(triton.cdiv(total_q, _DELTA_ROWS), heads)](
         out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0),
         grad_out.stride(1), total_q, head_dim, HEAD_DIM=padded, BLOCK_M=_DELTA_ROWS, num_warps=4)
-    block_m, block_n, warps, stages = _config(q.device, padded, "bwd")
+    block_m, block_n, warps, stages = _config(q.device, padded, "bwd", q.dtype)
     common = dict(GROUP=heads // kv_heads, CAUSAL=causal, HEAD_DIM=padded, BLOCK_M=block_m,
                   BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32, num_warps=warps,
                   num_stages=stages)
@@ -384,6 +393,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # compile gate: every shipped config x head dim x causal x dtype, for the arch it is meant for
 
 
+# Spills the compile gate measured (cuobjdump STACK bytes, triton 3.9, 2026-11-27) and accepts:
+# - 16-bit configs at the register limit (255): small spills in the backward, largest at
+#   d = 256 on sm_90. They cost speed, not correctness; retune these entries on a GPU.
+# - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
+#   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
+_MEASURED_SPILLS_16BIT = {("sm80", "bwd_dkdv", 64): 16, ("sm80", "bwd_dkdv", 128): 64,
+                          ("sm80", "bwd_dq", 256): 16, ("sm90", "bwd_dkdv", 256): 568,
+                          ("sm90", "bwd_dq", 256): 184}
+_MEASURED_SPILLS_FP32 = 10 * 1024 + 512
+
+
+def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str) -> int:
+    if dtype == "fp32":
+        return _MEASURED_SPILLS_FP32
+    return _MEASURED_SPILLS_16BIT.get((arch, kernel, padded), 0)
+
+
 def _specs() -> list[KernelSpec]:
     specs = [KernelSpec(
         f"varlen_attention_bwd_delta[d={padded}]", _attn_bwd_delta_kernel,
@@ -394,14 +420,16 @@ def _specs() -> list[KernelSpec]:
         divisible_by_16=("out_ptr", "grad_out_ptr", "stride_ot", "stride_oh", "stride_dot",
                          "stride_doh", "head_dim"), expects_16_byte_access=True)
         for padded in (64, 128, 256)]
-    for (arch, kind, padded), (block_m, block_n, warps, stages) in _CONFIGS.items():
+    for (arch, kind, padded, width), (block_m, block_n, warps, stages) in _CONFIGS.items():
+        if width == "fp32" and padded < 64:
+            continue  # the d = 16/32 fp32 entries repeat the d = 64 one
         for causal in (False, True):
-            for dtype in ("bf16",):  # fp16 lowers to the same code shape
+            for dtype in (("bf16",) if width == "16bit" else ("fp32",)):  # fp16 lowers like bf16
                 pointer = f"*{dtype}"
                 name = (f"varlen_attention_{kind}[{arch},d={padded},"
                         f"{'causal' if causal else 'full'},{dtype}]")
                 constexprs = {"GROUP": 1, "CAUSAL": causal, "HEAD_DIM": padded, "BLOCK_M": block_m,
-                              "BLOCK_N": block_n, "IEEE_DOTS": False}
+                              "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
                 arch_number = 90 if arch == "sm90" else 80
                 if kind == "fwd":
                     signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
@@ -414,7 +442,8 @@ def _specs() -> list[KernelSpec]:
                                  **{c: "constexpr" for c in constexprs}}
                     specs.append(KernelSpec(
                         name, _attn_fwd_kernel, signature, constexprs, num_warps=warps,
-                        num_stages=stages, archs=(arch_number,), expects_wgmma=True,
+                        num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
+                        allowed_spill_bytes=_allowed_spills(arch, "fwd", padded, dtype),
                         divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qt",
                                          "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                          "stride_vh", "stride_ot", "stride_oh", "head_dim")))
@@ -432,12 +461,14 @@ def _specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     name.replace("_bwd[", "_bwd_dkdv["), _attn_bwd_dkdv_kernel,
                     {**base, "dk_ptr": pointer, "dv_ptr": pointer, **tail}, constexprs,
-                    num_warps=warps, num_stages=stages, archs=(arch_number,), expects_wgmma=True,
+                    num_warps=warps, num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
+                    allowed_spill_bytes=_allowed_spills(arch, "bwd_dkdv", padded, dtype),
                     divisible_by_16=aligned + ("dk_ptr", "dv_ptr")))
                 specs.append(KernelSpec(
                     name.replace("_bwd[", "_bwd_dq["), _attn_bwd_dq_kernel,
                     {**base, "dq_ptr": pointer, **tail}, constexprs, num_warps=warps,
-                    num_stages=stages, archs=(arch_number,), expects_wgmma=True,
+                    num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
+                    allowed_spill_bytes=_allowed_spills(arch, "bwd_dq", padded, dtype),
                     divisible_by_16=aligned + ("dq_ptr",)))
     return specs
 
