@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import (DEVICES, IMPLEMENTATIONS, bench_dtype, on_backend, record,
+from bench_utils import (IMPLEMENTATIONS, bench_dtype, on_backend, record,
                          require_implementation, synchronized)
 
 OP = "multimodal_embed"
@@ -44,11 +44,6 @@ def inputs(device: str, requires_grad: bool):
 
 def shape(device: str) -> str:
     return f"{ROWS}x{TOKENS}x{width(device)}"
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

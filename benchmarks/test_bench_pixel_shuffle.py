@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
-from bench_utils import (DEVICES, IMPLEMENTATIONS, bench_dtype, on_backend, record,
+from bench_utils import (IMPLEMENTATIONS, bench_dtype, on_backend, record,
                          require_implementation, synchronized)
 
 OP = "pixel_shuffle"
@@ -24,11 +24,6 @@ def eager_pixel_shuffle(x):
 
 def implementation(impl: str):
     return eager_pixel_shuffle if impl == "eager" else on_backend(impl, nk.pixel_shuffle)
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
 
 
 def element_bytes(device: str) -> int:

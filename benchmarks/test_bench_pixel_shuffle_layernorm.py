@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import (DEVICES, IMPLEMENTATIONS, bench_dtype, on_backend, record,
+from bench_utils import (IMPLEMENTATIONS, bench_dtype, on_backend, record,
                          require_implementation, synchronized)
 
 OP = "pixel_shuffle_layernorm"
@@ -40,11 +40,6 @@ def inputs(device: str, requires_grad: bool):
 
 def element_bytes(device: str) -> int:
     return TILES * TOKENS * CHANNELS * bench_dtype(device).itemsize
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

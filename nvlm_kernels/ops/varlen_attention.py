@@ -46,6 +46,20 @@ def _sequence_bounds(cu_ptr, sequence, total):
 
 
 @triton.jit
+def _dot(a, b, IEEE_DOTS: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE precision (no tf32) for the exact fp32 path."""
+    if IEEE_DOTS:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _causal_key_end(block_m, q_len, k_len, BLOCK_M: tl.constexpr):
+    """Keys past this end lie above the bottom-right diagonal for every row of the query block."""
+    return tl.maximum(tl.minimum(k_len, (block_m + 1) * BLOCK_M + k_len - q_len), 0)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_ot, stride_oh, total_q, total_k, head_dim, qk_scale_log2,
@@ -70,7 +84,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
         diagonal = k_len - q_len  # bottom-right alignment: row i sees cols <= i + diagonal
         k_end = k_len
         if CAUSAL:  # key blocks entirely above the diagonal are never loaded
-            k_end = tl.maximum(tl.minimum(k_len, (block_m + 1) * BLOCK_M + diagonal), 0)
+            k_end = _causal_key_end(block_m, q_len, k_len, BLOCK_M)
         for start_n in range(0, k_end, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < k_len
@@ -78,11 +92,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
             kv_mask = col_mask[:, None] & dim_mask[None, :]
             k = tl.load(k_ptr + kv_offsets * stride_kt + kv_head * stride_kh + dims[None, :],
                         mask=kv_mask, other=0.0)
-            if IEEE_DOTS:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = scores * qk_scale_log2
+            scores = _dot(q, tl.trans(k), IEEE_DOTS) * qk_scale_log2
             visible = col_mask[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
@@ -94,10 +104,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
                         mask=kv_mask, other=0.0)
-            if IEEE_DOTS:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOTS)
             m_i = m_new
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -170,25 +177,14 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                               mask=row_mask, other=float("inf"))
                 delta = tl.load(delta_ptr + tl.cast(head, tl.int64) * total_q + q_start + rows,
                                 mask=row_mask, other=0.0)
-                if IEEE_DOTS:
-                    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))
+                scores = _dot(q, tl.trans(k), IEEE_DOTS)
                 visible = row_mask[:, None] & col_mask[None, :]
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
                 p = tl.where(visible, tl.exp2(scores * qk_scale_log2 - lse[:, None]), 0.0)
-                if IEEE_DOTS:
-                    dv += tl.dot(tl.trans(p.to(grad_out.dtype)), grad_out, input_precision="ieee")
-                    dp = tl.dot(grad_out, tl.trans(v), input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(grad_out.dtype)), grad_out)
-                    dp = tl.dot(grad_out, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if IEEE_DOTS:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dv += _dot(tl.trans(p.to(grad_out.dtype)), grad_out, IEEE_DOTS)
+                ds = p * (_dot(grad_out, tl.trans(v), IEEE_DOTS) - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOTS)
         tl.store(dk_ptr + kv_offsets * stride_kt + kv_head * stride_kh + dims[None, :],
                  (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
@@ -227,7 +223,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
         diagonal = k_len - q_len
         k_end = k_len
         if CAUSAL:
-            k_end = tl.maximum(tl.minimum(k_len, (block_m + 1) * BLOCK_M + diagonal), 0)
+            k_end = _causal_key_end(block_m, q_len, k_len, BLOCK_M)
         for start_n in range(0, k_end, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < k_len
@@ -237,21 +233,14 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
                         mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
                         mask=kv_mask, other=0.0)
-            if IEEE_DOTS:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(grad_out, tl.trans(v), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-                dp = tl.dot(grad_out, tl.trans(v))
+            scores = _dot(q, tl.trans(k), IEEE_DOTS)
+            dp = _dot(grad_out, tl.trans(v), IEEE_DOTS)
             visible = row_mask[:, None] & col_mask[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
             p = tl.where(visible, tl.exp2(scores * qk_scale_log2 - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
-            if IEEE_DOTS:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+            dq += _dot(ds.to(k.dtype), k, IEEE_DOTS)
         tl.store(dq_ptr + q_offsets * stride_qt + head * stride_qh + dims[None, :],
                  (dq * softmax_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
