@@ -1,0 +1,267 @@
+"""NVLM-D: InternViT -> pixel shuffle + projector -> image rows written into the decoder's input.
+
+    model = NVLM(NVLMConfig.from_preset("tiny")); model.init_weights()
+    out = model(input_ids, pixel_values, labels)      # out.logits, out.loss
+
+Parameter names follow the public NVLM-D / InternVL checkpoints (`vision_model.*`, `mlp1.*`,
+`language_model.model.*`, `language_model.lm_head.*`); nvlm.checkpoint reads and writes them.
+
+Inputs come in two forms, both turned into one packed layout (nvlm.llm.PackedLayout):
+- rows: input_ids (B, L), each row one sequence; an optional attention_mask (B, L) marks padding
+  (left or right), which is dropped before the decoder and gets zero logits;
+- packed: input_ids (T,) or (1, T) holding several samples back to back, with cu_seqlens (B + 1,)
+  int32 and optionally position_ids (T,) (default: restarting at 0 in every sample).
+pixel_values (N, 3, S, S) hold all tiles of all images, in the order their placeholders appear.
+
+Shape legend: N tiles, P patches per tile, C ViT width, Q = P / 4 image tokens per tile,
+T packed tokens, D LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nvlm_kernels
+
+from .config import NVLMConfig
+from .layers import init_linear, nvtx_range
+from .llm import KVCache, PackedLayout, Qwen2ForCausalLM
+from .vision import InternVisionModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class NVLMOutput:
+    """logits: input_ids' shape + (V,) (None when not asked for); loss: mean cross-entropy of the
+    next-token predictions whose target label is not IGNORE_INDEX (None without labels);
+    num_label_tokens: how many targets the mean covers (to weight accumulated or sharded losses)."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    num_label_tokens: int = 0
+
+
+class Projector(nn.Sequential):
+    """mlp1: LayerNorm(4C) -> Linear(4C, hidden) -> GELU -> Linear(hidden, D), or, with one layer,
+    LayerNorm(4C) -> Linear(4C, D). The pixel shuffle and the LayerNorm run as one fused kernel."""
+
+    def __init__(self, config: NVLMConfig) -> None:
+        scale = config.projector.downsample_scale
+        shuffled = config.vision.hidden_size * scale * scale
+        p, d_model = config.projector, config.llm.hidden_size
+        if p.num_layers == 2:
+            layers = [nn.LayerNorm(shuffled, eps=p.layernorm_eps),
+                      nn.Linear(shuffled, p.hidden_size, bias=p.bias), nn.GELU(),
+                      nn.Linear(p.hidden_size, d_model, bias=p.bias)]
+        else:
+            layers = [nn.LayerNorm(shuffled, eps=p.layernorm_eps),
+                      nn.Linear(shuffled, d_model, bias=p.bias)]
+        super().__init__(*layers)
+        self.scale = scale
+
+    def forward(self, x_NPC: torch.Tensor) -> torch.Tensor:
+        norm = self[0]
+        x_NQ4C = nvlm_kernels.pixel_shuffle_layernorm(
+            x_NPC, norm.weight, norm.bias, eps=norm.eps, scale=self.scale)
+        for layer in list(self)[1:]:
+            x_NQ4C = layer(x_NQ4C)
+        return x_NQ4C
+
+
+class NVLM(nn.Module):
+    """The NVLM-D model (NVLM.md section 1). X and H add cross-attention blocks on the same parts."""
+
+    def __init__(self, config: NVLMConfig) -> None:
+        super().__init__()
+        config.validate()
+        if config.arch != "D":
+            raise NotImplementedError(f"config.arch {config.arch!r}: only NVLM-D is built so far")
+        self.config = config
+        self.vision_model = InternVisionModel(config.vision)
+        self.mlp1 = Projector(config)
+        self.language_model = Qwen2ForCausalLM(config.llm)
+
+    # ----------------------------------------------------------------------------------------
+    # Construction helpers
+
+    def init_weights(self) -> None:
+        """Fresh random weights (normal(0, 0.02) matrices, zero biases, unit norms, LayerScale at
+        its configured value). Separate from __init__ so a model can be built on the meta device
+        and materialised (or loaded) later."""
+        self.vision_model.init_weights()
+        for module in self.mlp1:
+            if isinstance(module, nn.Linear):
+                init_linear(module)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        self.language_model.init_weights()
+
+    def num_params(self, include_dummy_heads: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count. The model holds no zero-padded ViT heads; include_dummy_heads adds
+        what a checkpoint that pads them (NVLM-D-72B: 25 -> 32 heads) stores on top."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.language_model.model.embed_tokens.weight.numel()
+        if include_dummy_heads:
+            v = self.config.vision
+            padded = v.num_dummy_heads * v.head_dim
+            # per layer: qkv rows (+ their biases), proj input columns, q/k-norm weights
+            per_layer = 3 * padded * v.hidden_size + padded * v.hidden_size
+            per_layer += 3 * padded * v.qkv_bias + 2 * padded * v.qk_normalization
+            total += per_layer * v.num_layers
+        return total
+
+    @classmethod
+    def from_pretrained(cls, path, image_token_id: int | None = None, **kwargs) -> "NVLM":
+        """Load a checkpoint directory in the NVLM-D / InternVL layout (see nvlm.checkpoint)."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, image_token_id=image_token_id, **kwargs)
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json + safetensors in the layout from_pretrained reads."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    def chat(self, processor, image, question: str, **generate_kwargs) -> str:
+        """Answer a question about an image (path, PIL image or None); see nvlm.generate."""
+        from .generate import chat
+
+        return chat(self, processor, image, question, **generate_kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, 3, S, S) -> image rows (N * Q, D) in tile order."""
+        vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
+        # NVLM keeps the ViT frozen in every stage: then no activations are kept for a backward.
+        with nvtx_range("vision"), torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
+            x_NPC = self.vision_model(pixel_values)
+        with nvtx_range("projector"):
+            image_NQD = self.mlp1(x_NPC)
+        return image_NQD.reshape(-1, image_NQD.shape[-1])
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (ids' shape + (D,)) with the image rows over the placeholders."""
+        table = self.language_model.model.embed_tokens.weight
+        if pixel_values is None:
+            image_MD = table.new_zeros(0, table.shape[1])
+        else:
+            image_MD = self.encode_images(pixel_values).to(table.dtype)
+        return nvlm_kernels.multimodal_embed(input_ids, table, image_MD, self.config.image_token_id)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                max_seqlen: int | None = None, return_logits: bool = True) -> NVLMOutput:
+        """Logits and (with labels) the next-token loss. labels has input_ids' shape and holds the
+        token to predict at each position (= input_ids on answer tokens) or IGNORE_INDEX; targets
+        never cross from one packed sample into the next."""
+        ids_T, layout, scatter_back = _packed_layout(input_ids, attention_mask, cu_seqlens,
+                                                     position_ids, max_seqlen)
+        h_TD = self.embed(ids_T, pixel_values)
+        with nvtx_range("decoder"):
+            h_TD = self.language_model(h_TD, layout)
+
+        loss, count = None, 0
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels: expected input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            labels_T = labels.reshape(-1) if scatter_back is None else labels[scatter_back]
+            loss, count = self._next_token_loss(h_TD, labels_T, layout.cu_seqlens)
+
+        logits = None
+        if return_logits:
+            logits_TV = self.language_model.logits(h_TD)
+            if scatter_back is None:
+                logits = logits_TV.view(*input_ids.shape, -1)
+            else:
+                logits = logits_TV.new_zeros(*input_ids.shape, logits_TV.shape[-1])
+                logits[scatter_back] = logits_TV
+        return NVLMOutput(logits=logits, loss=loss, num_label_tokens=count)
+
+    def _next_token_loss(self, h_TD: torch.Tensor, labels_T: torch.Tensor,
+                         cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # Position t predicts label t + 1 of the same sample; the last token of every sample
+        # has no target. Only positions with a target go through the output projection.
+        targets_T = torch.full_like(labels_T, IGNORE_INDEX)
+        targets_T[:-1] = labels_T[1:]
+        targets_T[(cu_seqlens[1:] - 1).long()] = IGNORE_INDEX
+        has_target = targets_T != IGNORE_INDEX
+        count = int(has_target.sum())
+        if count == 0:
+            # Keep the graph connected so every rank of a data-parallel run calls backward.
+            return h_TD.sum() * 0.0, 0
+        logits = self.language_model.logits(h_TD[has_target])
+        loss = F.cross_entropy(logits.float(), targets_T[has_target])
+        return loss, count
+
+
+def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   cu_seqlens: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   max_seqlen: int | None):
+    """Flatten the model's inputs to packed ids (T,) and their PackedLayout.
+
+    Returns (ids_T, layout, scatter_back): scatter_back is the boolean mask of the kept positions
+    of (B, L) when padding was dropped, else None (the output keeps input_ids' shape as is).
+    """
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids: expected an int32/int64 tensor, got {input_ids.dtype}")
+    device = input_ids.device
+    if cu_seqlens is not None:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: packed inputs (cu_seqlens given) have no padding; "
+                             "pass one or the other")
+        if input_ids.ndim == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids: packed inputs are (T,) or (1, T), got {tuple(input_ids.shape)}")
+        ids_T = input_ids.reshape(-1)
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1:
+            raise TypeError(f"cu_seqlens: expected a 1-D int32 tensor, got {cu_seqlens.dtype} "
+                            f"of shape {tuple(cu_seqlens.shape)}")
+        lengths = cu_seqlens.diff()
+        if position_ids is None:
+            sample_of_token = torch.repeat_interleave(
+                torch.arange(len(lengths), device=device), lengths, output_size=ids_T.numel())
+            position_ids = torch.arange(ids_T.numel(), device=device) - cu_seqlens[sample_of_token]
+        elif position_ids.reshape(-1).shape != ids_T.shape:
+            raise ValueError(f"position_ids: expected {ids_T.numel()} positions, got "
+                             f"{tuple(position_ids.shape)}")
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max()) if len(lengths) else 0
+        return ids_T, PackedLayout(cu_seqlens, position_ids.reshape(-1), max_seqlen), None
+
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected (batch, length) rows, or packed (T,) with cu_seqlens; "
+                         f"got shape {tuple(input_ids.shape)}")
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        if position_ids is not None:
+            raise ValueError("position_ids: only taken with packed inputs (cu_seqlens); rows "
+                             "count positions from 0")
+        cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+        positions = torch.arange(length, device=device).repeat(batch)
+        return input_ids.reshape(-1), PackedLayout(cu, positions, length), None
+
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1)
+    # Padding must sit before or after the tokens of a row, never between them.
+    first = torch.where(keep.any(dim=1), keep.int().argmax(dim=1), 0)
+    span = torch.arange(length, device=device)[None, :]
+    contiguous = (keep == ((span >= first[:, None]) & (span < (first + lengths)[:, None])))
+    if not bool(contiguous.all()):
+        raise ValueError("attention_mask: each row's tokens must be contiguous (left or right "
+                         "padding only)")
+    positions = (keep.cumsum(dim=1) - 1)[keep]
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return input_ids[keep], PackedLayout(cu, positions, int(lengths.max())), keep
