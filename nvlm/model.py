@@ -139,11 +139,20 @@ class NVLM(nn.Module):
     # Forward
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, 3, S, S) -> image rows (N * Q, D) in tile order."""
+        """pixel_values (N, 3, S, S) -> image rows (N * Q, D) in tile order.
+
+        N may be 0: the projector still runs (on no rows), so its parameters get (zero)
+        gradients, as data-parallel training needs when one rank's batch holds no image.
+        """
         vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
         # NVLM keeps the ViT frozen in every stage: then no activations are kept for a backward.
         with nvtx_range("vision"), torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
-            x_NPC = self.vision_model(pixel_values)
+            if pixel_values.shape[0] == 0:
+                v = self.config.vision
+                weight = self.vision_model.embeddings.patch_embedding.weight
+                x_NPC = weight.new_zeros(0, v.grid_size ** 2, v.hidden_size)
+            else:
+                x_NPC = self.vision_model(pixel_values)
         with nvtx_range("projector"):
             image_NQD = self.mlp1(x_NPC)
         return image_NQD.reshape(-1, image_NQD.shape[-1])
@@ -190,11 +199,8 @@ class NVLM(nn.Module):
 
     def _next_token_loss(self, h_TD: torch.Tensor, labels_T: torch.Tensor,
                          cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        # Position t predicts label t + 1 of the same sample; the last token of every sample
-        # has no target. Only positions with a target go through the output projection.
-        targets_T = torch.full_like(labels_T, IGNORE_INDEX)
-        targets_T[:-1] = labels_T[1:]
-        targets_T[(cu_seqlens[1:] - 1).long()] = IGNORE_INDEX
+        # Only positions with a target go through the output projection.
+        targets_T = next_token_targets(labels_T, cu_seqlens)
         has_target = targets_T != IGNORE_INDEX
         count = int(has_target.sum())
         if count == 0:
@@ -203,6 +209,17 @@ class NVLM(nn.Module):
         logits = self.language_model.logits(h_TD[has_target])
         loss = F.cross_entropy(logits.float(), targets_T[has_target])
         return loss, count
+
+
+def next_token_targets(labels_T: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The target of each packed position: the label of the next token of the same sample;
+    IGNORE_INDEX at every sample's last token (nothing follows it within the sample)."""
+    targets_T = torch.full_like(labels_T, IGNORE_INDEX)
+    targets_T[:-1] = labels_T[1:]
+    lengths = cu_seqlens.diff()
+    last = (cu_seqlens[1:] - 1)[lengths > 0].long()
+    targets_T[last] = IGNORE_INDEX
+    return targets_T
 
 
 def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -1,0 +1,123 @@
+"""Command line: `python -m nvlm <command> ...`.
+
+    python -m nvlm tiles photo.jpg                     # grid and tile table for NVLM's tiling
+    python -m nvlm tiles photo.jpg --out tiles.png     # ... and a picture of the grid with tags
+
+Each command is a `_add_<command>(subparsers)` function that declares its arguments and sets
+`run`, a function of the parsed arguments that returns the exit code; list it in `_COMMANDS`.
+Expected failures (a missing or corrupt file, a bad value) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from nvlm.processing import (DEFAULT_THUMBNAIL_TAG, find_grid, load_image, tile_boxes,
+                             tile_tags)
+
+EXIT_USAGE = 2
+
+
+def _add_tiles(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tiles", help="show how an image is cut into tiles (NVLM dynamic high-resolution)",
+        description="Print the tile grid NVLM's dynamic tiling picks for IMAGE and, for every "
+                    "tile, its tag and the region of the original image it shows.")
+    parser.add_argument("image", type=Path, help="image file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write a PNG of the image with the grid and the tile tags drawn on it")
+    parser.add_argument("--tile-size", type=int, default=448, help="tile side S in pixels")
+    parser.add_argument("--max-tiles", type=int, default=6, help="regular tiles per image at most")
+    parser.add_argument("--no-thumbnail", action="store_true",
+                        help="do not append the whole-image thumbnail tile")
+    parser.add_argument("--thumbnail-tag", default=DEFAULT_THUMBNAIL_TAG,
+                        help="tag of the thumbnail tile (`<tile_global>` for the 34B model)")
+    parser.set_defaults(run=_run_tiles)
+
+
+def _run_tiles(args: argparse.Namespace) -> int:
+    image = load_image(args.image)
+    width, height = image.size
+    use_thumbnail = not args.no_thumbnail
+    cols, rows = find_grid(width, height, args.tile_size, args.max_tiles)
+    boxes = tile_boxes(width, height, args.tile_size, args.max_tiles, use_thumbnail)
+    # Tagged as the processor tags them: a lone tile is the whole image (the thumbnail tag).
+    tags = tile_tags(len(boxes), args.thumbnail_tag,
+                     has_thumbnail=use_thumbnail or len(boxes) == 1)
+    has_thumbnail_tile = len(boxes) > cols * rows
+
+    print(f"image: {args.image} ({width}x{height} px, width x height)")
+    thumbnail_note = " + thumbnail" if has_thumbnail_tile else ""
+    print(f"grid: {cols}x{rows} (cols x rows){thumbnail_note} = {len(boxes)} tile(s) of "
+          f"{args.tile_size}x{args.tile_size} px")
+    tag_width = max(len("tag"), *(len(tag) for tag in tags))
+    print(f"{'index':>5}  {'tag':<{tag_width}}  box in the image (left, top, right, bottom)")
+    for index, (tag, box) in enumerate(zip(tags, boxes)):
+        is_thumbnail = has_thumbnail_tile and index == len(boxes) - 1
+        whole = "  (whole image, squashed)" if is_thumbnail else ""
+        print(f"{index:>5}  {tag:<{tag_width}}  ({', '.join(_fmt(v) for v in box)}){whole}")
+
+    if args.out is not None:
+        _draw_tiles(image, boxes[:cols * rows], tags, has_thumbnail_tile,
+                    args.tile_size).save(args.out, format="PNG")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _fmt(value: float) -> str:
+    # Tile edges fall between pixels when the size does not divide evenly: show one decimal.
+    return f"{round(value, 1):g}"
+
+
+def _draw_tiles(image: Image.Image, grid_boxes: list[tuple[float, float, float, float]],
+                tags: list[str], has_thumbnail_tile: bool, tile_size: int) -> Image.Image:
+    canvas = image.copy()
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    font_size = max(10, min(width, height) // 30)
+    font = ImageFont.load_default(size=font_size)
+    line_width = max(1, min(width, height) // 300)
+    for tag, (left, top, right, bottom) in zip(tags, grid_boxes):
+        draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 0, 0), width=line_width)
+        _label(draw, (left + 2 * line_width, top + 2 * line_width), tag, font)
+    if has_thumbnail_tile:
+        note = f"+ {tags[-1]}: the whole image squashed to {tile_size}x{tile_size}"
+        _label(draw, (2 * line_width, height - font_size - 6 * line_width), note, font)
+    return canvas
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
+           font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
+    # White text on a dark box stays readable on any photo.
+    draw.rectangle(draw.textbbox(xy, text, font=font), fill=(0, 0, 0))
+    draw.text(xy, text, fill=(255, 255, 255), font=font)
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_tiles,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nvlm",
+                                     description="NVLM-D/X/H tools.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
