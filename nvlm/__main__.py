@@ -2,6 +2,7 @@
 
     python -m nvlm tiles photo.jpg                     # grid and tile table for NVLM's tiling
     python -m nvlm tiles photo.jpg --out tiles.png     # ... and a picture of the grid with tags
+    python -m nvlm generate --model DIR --image photo.jpg --prompt "What does the sign say?"
 
 Each command is a `_add_<command>(subparsers)` function that declares its arguments and sets
 `run`, a function of the parsed arguments that returns the exit code; list it in `_COMMANDS`.
@@ -98,7 +99,47 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
     draw.text(xy, text, fill=(255, 255, 255), font=font)
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_tiles,)
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="answer a prompt about an image with a checkpoint",
+        description="Load a checkpoint directory (NVLM-D / InternVL layout, or a trainer's "
+                    "run/model folder) and generate an answer with the KV cache.")
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--image", type=Path, default=None, help="image file (optional)")
+    parser.add_argument("--prompt", required=True, help="the question")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.set_defaults(run=_run_generate)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from nvlm.model import NVLM
+    from nvlm.processing import NVLMProcessor
+    from nvlm.tokenizer import load_tokenizer
+
+    model = NVLM.from_pretrained(args.model).to(args.device).eval()
+    processor = NVLMProcessor(load_tokenizer(args.model), model.config)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
+        answer = model.chat(processor, args.image, args.prompt,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, generator=generator)
+    print(answer)
+    return 0
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_tiles, _add_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

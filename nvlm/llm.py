@@ -119,7 +119,7 @@ class Qwen2Attention(nn.Module):
             kv_start, kv_end = cache.key_ranges(layout)
             out_THd = nvlm_kernels.cross_attention(q_THd, keys.to(q_THd.dtype),
                                                    values.to(q_THd.dtype), kv_start, kv_end)
-        return self.o_proj(out_THd.reshape(total, -1))
+        return self.o_proj(out_THd.reshape(total, self.num_heads * self.head_dim))
 
 
 class Qwen2MLP(nn.Module):

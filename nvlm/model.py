@@ -123,11 +123,12 @@ class NVLM(nn.Module):
 
         return load_pretrained(path, image_token_id=image_token_id, **kwargs)
 
-    def save_pretrained(self, path) -> None:
-        """Write config.json + safetensors in the layout from_pretrained reads."""
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write config.json + safetensors in the layout from_pretrained reads (kwargs: see
+        nvlm.checkpoint.save_pretrained, e.g. max_shard_bytes)."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, **kwargs)
 
     def chat(self, processor, image, question: str, **generate_kwargs) -> str:
         """Answer a question about an image (path, PIL image or None); see nvlm.generate."""
@@ -141,18 +142,14 @@ class NVLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, 3, S, S) -> image rows (N * Q, D) in tile order.
 
-        N may be 0: the projector still runs (on no rows), so its parameters get (zero)
-        gradients, as data-parallel training needs when one rank's batch holds no image.
+        N may be 0: the ViT and the projector still run (on no rows), so that every rank of a
+        sharded data-parallel run gathers the same parameters and gets (zero) gradients for them
+        even when its batch holds no image.
         """
         vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
         # NVLM keeps the ViT frozen in every stage: then no activations are kept for a backward.
         with nvtx_range("vision"), torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
-            if pixel_values.shape[0] == 0:
-                v = self.config.vision
-                weight = self.vision_model.embeddings.patch_embedding.weight
-                x_NPC = weight.new_zeros(0, v.grid_size ** 2, v.hidden_size)
-            else:
-                x_NPC = self.vision_model(pixel_values)
+            x_NPC = self.vision_model(pixel_values)
         with nvtx_range("projector"):
             image_NQD = self.mlp1(x_NPC)
         return image_NQD.reshape(-1, image_NQD.shape[-1])

@@ -69,7 +69,7 @@ class InternAttention(nn.Module):
         out_THd = nvlm_kernels.varlen_attention(
             q_TC.reshape(heads), k_TC.reshape(heads), v_TC.reshape(heads),
             cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
-        return self.proj(out_THd.reshape(x_TC.shape[0], -1))
+        return self.proj(out_THd.reshape(x_TC.shape[0], self.num_heads * self.head_dim))
 
 
 class InternMLP(nn.Module):

@@ -1,0 +1,96 @@
+"""Training recipes: what each stage trains and with which hyper-parameters (NVLM.md section 9).
+
+`paper_recipe(arch, stage)` is the paper's Table 10-11 row as a StageRecipe; `recipe(arch, stage,
+preset)` scales it to a model size (the paper's numbers are for 34B/72B models on 128 GPUs; tiny
+models trained from scratch on a CPU want larger learning rates, far fewer steps and smaller
+batches). Everything here can be overridden from the trainer's command line or config file.
+
+Parts a stage can train: "vision" (InternViT), "projector" (mlp1), "llm" (the decoder and its
+embeddings), "xattn" (NVLM-X/H cross-attention blocks). The ViT is frozen in every NVLM stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+PARTS = ("vision", "projector", "llm", "xattn")
+STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class StageRecipe:
+    trained: tuple[str, ...]          # parts that get gradients and optimizer state
+    global_batch: int                 # packed rows per optimizer step, all ranks together
+    lr: float                         # peak learning rate
+    min_lr: float                     # floor of the cosine decay
+    warmup_steps: int
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float
+    seq_len: int                      # tokens per packed row
+    max_tiles: int                    # regular tiles per image (1: no tiling, no thumbnail)
+    steps: int
+
+    def validate(self) -> "StageRecipe":
+        unknown = sorted(set(self.trained) - set(PARTS))
+        if unknown or not self.trained:
+            raise ValueError(f"trained: expected a non-empty subset of {PARTS}, got {self.trained}")
+        for name in ("global_batch", "seq_len", "max_tiles", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: expected 0 <= min_lr <= lr = {self.lr}, got {self.min_lr}")
+        return self
+
+
+# NVLM.md section 9, per (arch, stage).
+_PAPER = {
+    ("D", "pretrain"): StageRecipe(("projector",), 2048, 1e-4, 2.5e-5, 500, (0.9, 0.95), 0.1, 10.0, 512, 1, 20_000),
+    ("X", "pretrain"): StageRecipe(("xattn",), 2048, 1e-4, 1e-5, 1000, (0.9, 0.95), 0.05, 1.0, 512, 1, 20_000),
+    ("H", "pretrain"): StageRecipe(("xattn", "projector"), 2048, 1e-4, 1e-5, 1000, (0.9, 0.98), 0.05, 1.0, 512, 6, 20_000),
+    ("D", "sft"): StageRecipe(("projector", "llm"), 128, 2e-6, 2.5e-7, 1000, (0.9, 0.98), 0.1, 10.0, 3200, 6, 40_000),
+    ("X", "sft"): StageRecipe(("xattn", "llm"), 256, 1e-5, 1e-7, 500, (0.9, 0.98), 0.05, 1.0, 1024, 6, 20_000),
+    ("H", "sft"): StageRecipe(("xattn", "projector", "llm"), 256, 1e-5, 1e-7, 1000, (0.9, 0.98), 0.05, 1.0, 1280, 6, 40_000),
+}
+
+
+def paper_recipe(arch: str, stage: str) -> StageRecipe:
+    if (arch, stage) not in _PAPER:
+        raise ValueError(f"arch/stage: expected arch in D/X/H and stage in {STAGES}, "
+                         f"got {arch!r}/{stage!r}")
+    return _PAPER[(arch, stage)]
+
+
+def recipe(arch: str, stage: str, preset: str) -> StageRecipe:
+    """The paper's recipe for the big presets; scaled for `tiny` (a CPU model trained from
+    scratch): 10-100x larger learning rates, short warm-up, small batches and rows, few steps.
+    The freeze sets and optimizer settings stay the paper's."""
+    base = paper_recipe(arch, stage)
+    if preset != "tiny":
+        return base
+    lr = {"pretrain": 2e-3, "sft": 1e-3}[stage]
+    return dataclasses.replace(base, global_batch=8, lr=lr, min_lr=lr / 10, warmup_steps=20,
+                               seq_len=min(base.seq_len, 1024), steps=200)
+
+
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's parts by recipe name (absent parts, e.g. xattn in NVLM-D, are left out)."""
+    parts = {"vision": getattr(model, "vision_model", None), "projector": getattr(model, "mlp1", None),
+             "llm": getattr(model, "language_model", None), "xattn": getattr(model, "xattn", None)}
+    return {name: module for name, module in parts.items() if module is not None}
+
+
+def apply_freeze(model: nn.Module, trained: tuple[str, ...]) -> list[str]:
+    """requires_grad on exactly the trained parts; returns the trainable parameter names."""
+    parts = trainable_modules(model)
+    missing = sorted(set(trained) - set(parts))
+    if missing:
+        raise ValueError(f"trained: parts {missing} do not exist in this model "
+                         f"(it has {sorted(parts)})")
+    model.requires_grad_(False)
+    for name in trained:
+        parts[name].requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,142 @@
+"""The built-in synthetic task: read a short code printed small somewhere in a large image.
+
+    python -m nvlm.data synth --out data/synth --n 20000
+
+Each image is a canvas (several tiles wide) with a few digits in small type at a random place;
+the question asks for the code, the answer is the code. At the thumbnail's resolution (the whole
+canvas squashed to one tile) the glyphs are a few pixels tall, so a model has to read the
+high-resolution tiles: the task shows what NVLM's dynamic tiling buys, with no download. The
+answer space (10^digits codes) makes guessing without the image hopeless.
+
+Also written: a text-only set (copy a code given in the question) that stands in for the SFT
+blend's text data, and a held-out eval split drawn with a different seed. Everything is a pure
+function of the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+QUESTION = "What is the code in the image?"
+
+
+@dataclass
+class TaskSpec:
+    canvas: tuple[int, int] = (336, 224)     # W x H: a 3 x 2 grid of 112-px tiles (+ thumbnail)
+    font_sizes: tuple[int, int] = (14, 18)   # glyph size range in pixels (inclusive)
+    digits: int = 4
+    margin: int = 4                          # keep the code this far from the border
+
+    def validate(self) -> "TaskSpec":
+        if self.digits < 3:
+            raise ValueError(f"digits: expected >= 3 (so that guessing stays hopeless), got {self.digits}")
+        if self.font_sizes[0] > self.font_sizes[1] or self.font_sizes[0] < 6:
+            raise ValueError(f"font_sizes: expected 6 <= lo <= hi, got {self.font_sizes}")
+        return self
+
+
+def render(rng: random.Random, spec: TaskSpec) -> tuple[Image.Image, str]:
+    """One image and its code."""
+    code = "".join(rng.choice("0123456789") for _ in range(spec.digits))
+    width, height = spec.canvas
+    background = rng.randint(200, 255)
+    image = Image.new("RGB", (width, height), (background,) * 3)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=rng.randint(*spec.font_sizes))
+    x0, y0, x1, y1 = draw.textbbox((0, 0), code, font=font)
+    x = rng.randint(spec.margin - x0, width - spec.margin - x1)
+    y = rng.randint(spec.margin - y0, height - spec.margin - y1)
+    ink = rng.randint(0, 80)
+    draw.text((x, y), code, font=font, fill=(ink,) * 3)
+    return image, code
+
+
+def _conversation(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def write_split(folder: Path, name: str, n: int, seed: int, spec: TaskSpec) -> Path:
+    """n rendered samples: images under folder/images/name/, lines in folder/name.jsonl."""
+    rng = random.Random(seed)
+    image_dir = folder / "images" / name
+    image_dir.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        for i in range(n):
+            image, code = render(rng, spec)
+            relative = f"images/{name}/{i:06d}.png"
+            image.save(folder / relative, compress_level=1)
+            f.write(json.dumps({"image": relative,
+                                "conversations": _conversation(f"<image>\n{QUESTION}", code)}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def write_text_split(folder: Path, n: int, seed: int, spec: TaskSpec) -> Path:
+    """Text-only samples: copy the code given in the question (the LM's half of the skill)."""
+    rng = random.Random(seed)
+    path = folder / "text.jsonl"
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        for _ in range(n):
+            code = "".join(rng.choice("0123456789") for _ in range(spec.digits))
+            f.write(json.dumps({"conversations": _conversation(
+                f"The code is {code}. {QUESTION}", code)}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def task_paths(folder: Path) -> dict[str, Path]:
+    folder = Path(folder)
+    return {"train": folder / "train.jsonl", "eval": folder / "eval.jsonl",
+            "text": folder / "text.jsonl", "spec": folder / "spec.json"}
+
+
+def write_task(folder: Path, train_n: int, eval_n: int, seed: int = 0,
+               spec: TaskSpec | None = None, text_n: int | None = None) -> dict[str, Path]:
+    """The whole task: train / eval (held out: another seed) / text-only splits and spec.json."""
+    spec = (spec or TaskSpec()).validate()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_split(folder, "train", train_n, seed, spec)
+    write_split(folder, "eval", eval_n, seed + 1_000_003, spec)
+    write_text_split(folder, text_n if text_n is not None else max(train_n // 4, 1), seed + 2, spec)
+    paths = task_paths(folder)
+    record = {"train_n": train_n, "eval_n": eval_n, "seed": seed, "spec": asdict(spec)}
+    paths["spec"].write_text(json.dumps(record, indent=2))
+    return paths
+
+
+def ensure_task(folder: Path, train_n: int, eval_n: int, seed: int = 0,
+                spec: TaskSpec | None = None) -> dict[str, Path]:
+    """write_task unless the folder already holds the same task (spec.json written last)."""
+    paths = task_paths(folder)
+    want = {"train_n": train_n, "eval_n": eval_n, "seed": seed,
+            "spec": asdict((spec or TaskSpec()).validate())}
+    if paths["spec"].is_file():
+        have = json.loads(paths["spec"].read_text())
+        have["spec"] = {k: tuple(v) if isinstance(v, list) else v for k, v in have["spec"].items()}
+        if have == want:
+            return paths
+    return write_task(folder, train_n, eval_n, seed, spec)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write the task into")
+    parser.add_argument("--n", type=int, default=20_000, help="training samples")
+    parser.add_argument("--eval-n", type=int, default=500, help="held-out samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--digits", type=int, default=TaskSpec.digits)
+
+
+def write_task_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    if args.n < 1 or args.eval_n < 1:
+        raise SystemExit(f"--n and --eval-n: expected >= 1, got {args.n} and {args.eval_n}")
+    return write_task(Path(args.out), args.n, args.eval_n, args.seed, TaskSpec(digits=args.digits))
