@@ -39,7 +39,8 @@ def build_rows(bench: dict, ceilings: dict) -> list[dict]:
                      "impl": info.get("impl"), "device": info.get("device"),
                      "dtype": info.get("dtype"), "shape": info.get("shape"),
                      "median_ms": b["stats"]["median"] * 1e3, "bytes": info.get("bytes"),
-                     "flops": info.get("flops")})
+                     "flops": info.get("flops"), "tokens": info.get("tokens"),
+                     "peak_memory_gb": info.get("peak_memory_gb")})
     eager = {r["group"]: r["median_ms"] for r in rows if r["impl"] == "eager"}
     for r in rows:
         seconds = r["median_ms"] / 1e3
@@ -49,6 +50,8 @@ def build_rows(bench: dict, ceilings: dict) -> list[dict]:
         elif r["flops"]:
             r["tflops"] = r["flops"] / seconds / 1e12
             r["pct_of_ceiling"] = 100 * r["tflops"] / ceilings["matmul_tflops"]
+        elif r["tokens"]:
+            r["tokens_per_s"] = r["tokens"] / seconds
         if r["group"] in eager:
             r["speedup_vs_eager"] = eager[r["group"]] / r["median_ms"]
     return rows
@@ -61,7 +64,8 @@ def format_table(rows: list[dict], ceilings: dict) -> str:
              f"{'rate':>14} {'% ceil':>7} {'vs eager':>9}"]
     for r in rows:
         rate = (f"{r['gbs']:.1f} GB/s" if "gbs" in r else
-                f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else "-")
+                f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else
+                f"{r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else "-")
         pct = f"{r['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in r else "-"
         speedup = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
         lines.append(f"{r['op']:<26} {r['mode'] or '-':<17} {r['impl'] or '-':<7} "

@@ -4,6 +4,13 @@ registrations so that they work under autograd and torch.compile.
 The C++ side defines the schemas (TORCH_LIBRARY(nvlm_kernels, m) in csrc/ops.cpp) and the CPU /
 CUDA kernels; this module loads it on first use (never at package import) and registers the fake
 implementations and autograd formulas of _registration.py for them.
+
+One exception: `varlen_attention` on the CPU runs aten's fused CPU attention kernel
+(scaled_dot_product_attention, a compiled flash-attention with its own backward), batched over runs
+of equal-length sequences. For 112 ViT tiles of 65 tokens (4 heads x 32) forward + backward takes
+34 ms instead of the reference's 358 ms on this project's 2-core machine (1 thread); causal packs
+of mixed lengths gain less (75 vs 108 ms for 16 x 200 tokens), one call per sequence. It reads
+cu_seqlens on the host, so torch.compile breaks the graph there (the Triton kernel does not).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import functools
 
 import torch
 
-from . import _registration
+from . import _registration, reference
 from ._backends import Implementation
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,6 +70,47 @@ def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
                                                    image_token_id)
 
 
+def varlen_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                         max_seqlen_k: int, softmax_scale: float | None = None,
+                         causal: bool = False) -> torch.Tensor:
+    scale = reference._default_scale(q, softmax_scale)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lengths = [(starts_q[b + 1] - starts_q[b], starts_k[b + 1] - starts_k[b])
+               for b in range(len(starts_q) - 1)]
+    gqa = q.shape[1] != k.shape[1]
+    pieces = []
+    b = 0
+    while b < len(lengths):
+        lq, lk = lengths[b]
+        run = 1      # consecutive sequences of the same lengths go through one batched call
+        while b + run < len(lengths) and lengths[b + run] == (lq, lk):
+            run += 1
+        q0, k0 = starts_q[b], starts_k[b]
+        if lq == 0:
+            pass
+        elif lk == 0 or (causal and lq != lk):
+            # No key at all, or a bottom-right causal mask that SDPA's top-left is_causal does
+            # not express (rows may see nothing): the reference's masked softmax, per sequence.
+            for i in range(run):
+                a, c = q0 + i * lq, k0 + i * lk
+                pieces.append(reference.varlen_attention(
+                    q[a:a + lq], k[c:c + lk], v[c:c + lk],
+                    cu_seqlens_q.new_tensor([0, lq]), cu_seqlens_k.new_tensor([0, lk]),
+                    lq, lk, softmax_scale=scale, causal=causal))
+        else:
+            def batched(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
+                rows = x[start:start + run * length]
+                return rows.reshape(run, length, x.shape[1], x.shape[2]).transpose(1, 2)
+
+            out = torch.nn.functional.scaled_dot_product_attention(
+                batched(q, q0, lq), batched(k, k0, lk), batched(v, k0, lk), is_causal=causal,
+                scale=scale, enable_gqa=gqa)
+            pieces.append(out.transpose(1, 2).reshape(run * lq, q.shape[1], q.shape[2]))
+        b += run
+    return torch.cat(pieces) if pieces else q[:0] * 0.0
+
+
 def _register_python_side() -> None:
     ops = torch.ops.nvlm_kernels
     _registration.register_pixel_shuffle(ops.pixel_shuffle.default, ops.pixel_unshuffle.default)
@@ -83,8 +131,15 @@ def _float_on_compiled_device(op: str):
     return supports
 
 
+def _cpu_only(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return "the native varlen_attention is the CPU path; GPUs use the Triton kernel"
+    return None if dtype in _FLOAT_DTYPES else f"dtype {dtype} is not supported"
+
+
 def implementations() -> dict[str, Implementation]:
     return {
+        "varlen_attention": Implementation(varlen_attention_cpu, _cpu_only),
         "pixel_shuffle": Implementation(pixel_shuffle, _float_on_compiled_device("pixel_shuffle")),
         "pixel_shuffle_layernorm": Implementation(
             pixel_shuffle_layernorm, _float_on_compiled_device("pixel_shuffle_layernorm")),

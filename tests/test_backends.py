@@ -100,10 +100,10 @@ def test_use_backend_overrides_environment_and_nests(monkeypatch):
 def test_forced_backend_without_the_op_raises_instead_of_falling_back():
     if not nk.available_backends()["native"].available:
         pytest.skip("native backend not built")
-    inputs = sample_inputs("varlen_attention")
+    inputs = sample_inputs("cross_attention")
     with nk.use_backend("native"), pytest.raises(NotImplementedError,
-                                                 match="backend 'native' has no implementation of varlen_attention"):
-        nk.varlen_attention(**inputs)
+                                                 match="backend 'native' has no implementation of cross_attention"):
+        nk.cross_attention(**inputs)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -122,5 +122,5 @@ def test_auto_prefers_native_on_cpu_and_falls_back_to_torch():
         assert chosen is _native.pixel_shuffle_layernorm
     else:
         assert chosen is reference.pixel_shuffle_layernorm
-    # no native or triton implementation of varlen_attention yet on CPU: the reference runs
-    assert _backends.implementation("varlen_attention", x) is reference.varlen_attention
+    # no native implementation of cross_attention on the CPU: the reference runs
+    assert _backends.implementation("cross_attention", x) is reference.cross_attention
