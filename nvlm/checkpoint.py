@@ -223,7 +223,10 @@ def config_from_checkpoint(data: dict[str, Any], shapes: dict[str, Shape]) -> NV
     projector = _projector_config(data, shapes, llm)
     config = NVLMConfig(vision=vision, llm=llm, projector=projector,
                         use_thumbnail=bool(data.get("use_thumbnail", True)))
-    if "max_dynamic_patch" in data:
+    # NVLM-D-72B's config.json says 12, an InternVL leftover: NVLM trains and evaluates with 6
+    # (NVLM.md section 2), so its checkpoints keep the default; other InternVL-chat models keep
+    # their own value.
+    if "max_dynamic_patch" in data and data.get("model_type") != "NVLM_D":
         config.max_tiles = int(data["max_dynamic_patch"])
     if NVLM_CONFIG_KEY in data:
         config = _merge_saved_config(config, NVLMConfig.from_dict(data[NVLM_CONFIG_KEY]))
