@@ -2,6 +2,7 @@
 
 Ops (shapes in each docstring; meaning in nvlm_kernels.reference):
     pixel_shuffle, pixel_shuffle_layernorm, multimodal_embed, varlen_attention, cross_attention
+Helper: cross_attention_ranges builds cross_attention's per-query key ranges for NVLM-X/H.
 Backends: use_backend("torch" | "triton" | "native" | "auto"), env NVLM_KERNELS_BACKEND;
 available_backends() says which are usable here and why the others are not.
 
@@ -10,6 +11,7 @@ on first use.
 """
 
 from ._backends import BackendStatus, available_backends, use_backend
+from .ranges import cross_attention_ranges
 from .functional import (
     cross_attention,
     multimodal_embed,
@@ -22,6 +24,7 @@ __all__ = [
     "BackendStatus",
     "available_backends",
     "cross_attention",
+    "cross_attention_ranges",
     "multimodal_embed",
     "pixel_shuffle",
     "pixel_shuffle_layernorm",
