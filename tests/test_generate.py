@@ -86,3 +86,27 @@ def test_bad_arguments(model):
         generate(model, [prompt], None, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [prompt], None, max_new_tokens=model.config.llm.max_position_embeddings)
+
+
+def test_cli_generate_answers_like_model_chat(tmp_path, capsys):
+    from PIL import Image
+
+    from nvlm.__main__ import main as cli_main
+    from nvlm.config import NVLMConfig
+    from nvlm.model import NVLM
+    from nvlm.processing import NVLMProcessor
+
+    torch.manual_seed(0)
+    model = NVLM(NVLMConfig.from_preset("tiny"))
+    model.init_weights()
+    model.eval().save_pretrained(tmp_path / "model")
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (300, 120), (200, 30, 30)).save(image)
+    args = ["generate", "--model", str(tmp_path / "model"), "--image", str(image),
+            "--prompt", "What colour?", "--max-new-tokens", "5", "--device", "cpu"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    expected = model.chat(NVLMProcessor.from_config(model.config), image, "What colour?",
+                          max_new_tokens=5)
+    assert printed == expected
+    assert cli_main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
