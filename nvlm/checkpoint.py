@@ -18,20 +18,18 @@ tensors: the projector's width, bias and depth, and the number of dummy heads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_directory
 from .config import LLMConfig, NVLMConfig, ProjectorConfig, VisionConfig
 from .model import NVLM
 from .tokenizer import find_image_token_id
@@ -123,7 +121,7 @@ def save_pretrained(model: NVLM, path: str | os.PathLike, max_shard_bytes: int =
     shards = _plan_shards(tensors, max_shard_bytes)
     torch_dtype = str(state_dict[EMBED_TOKENS].dtype).removeprefix("torch.")
 
-    with _atomic_directory(Path(path)) as tmp:
+    with atomic_directory(Path(path)) as tmp:
         (tmp / CONFIG_FILE).write_text(
             json.dumps(checkpoint_config_json(config, torch_dtype), indent=2) + "\n",
             encoding="utf-8")
@@ -548,31 +546,3 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> dict
         return {SAFETENSORS_FILE: groups[0]}
     n = len(groups)
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": names for i, names in enumerate(groups)}
-
-
-@contextlib.contextmanager
-def _atomic_directory(path: Path) -> Iterator[Path]:
-    """Yields a fresh temporary sibling of `path`; on success renames it to `path` (replacing an
-    existing directory only then), on failure removes it and leaves `path` as it was."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{str(path)!r} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

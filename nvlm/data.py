@@ -115,12 +115,14 @@ class JsonlSource:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.offset, self.epoch, self.line = state["offset"], state["epoch"], state["line"]
+        if self._file is not None:
+            self._file.seek(self.offset)
 
     def next_record(self) -> Record:
         while True:
             if self._file is None:
                 self._file = open(self.path, "rb")   # noqa: SIM115 - kept open while streaming
-            self._file.seek(self.offset)
+                self._file.seek(self.offset)
             raw = self._file.readline()
             self.offset = self._file.tell()
             if not raw:
@@ -128,6 +130,7 @@ class JsonlSource:
                     raise ValueError(f"{self.path}: no usable sample in the whole file "
                                      f"({self.bad_lines} bad lines)")
                 self.offset, self.line, self.epoch = 0, 0, self.epoch + 1
+                self._file.seek(0)
                 continue
             self.line += 1
             if not raw.strip():

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .llm import KVCache, PackedLayout
+from .llm import KVCache, PackedLayout, sample_positions
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -77,9 +77,8 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
     # Prefill: all prompts packed in one row, each writing its own cache row.
     ids_T = torch.cat([p.to(device) for p in prompts])
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    batch_index = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
-    layout = PackedLayout(cu_seqlens, torch.arange(ids_T.numel(), device=device)
-                          - cu_seqlens[batch_index], int(lengths.max()), batch_index)
+    batch_index, positions = sample_positions(cu_seqlens, ids_T.numel())
+    layout = PackedLayout(cu_seqlens, positions, int(lengths.max()), batch_index)
     h_TD = model.language_model(model.embed(ids_T, pixel_values), layout, cache)
     logits_BV = model.language_model.logits(h_TD[(cu_seqlens[1:] - 1).long()])
 

@@ -43,6 +43,15 @@ class PackedLayout:
     batch_index: torch.Tensor | None = None
 
 
+def sample_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample index, position within the sample) of every token of a pack, both (total,) int64."""
+    lengths = cu_seqlens.diff()
+    sample_index = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device),
+                                           lengths, output_size=total)
+    positions = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[sample_index]
+    return sample_index, positions
+
+
 class KVCache:
     """Static per-layer key/value buffers (num_layers, B, M, K, d), allocated once per generation.
 

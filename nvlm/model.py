@@ -29,7 +29,7 @@ import nvlm_kernels
 
 from .config import NVLMConfig
 from .layers import init_linear, nvtx_range
-from .llm import KVCache, PackedLayout, Qwen2ForCausalLM
+from .llm import PackedLayout, Qwen2ForCausalLM, sample_positions
 from .vision import InternVisionModel
 
 IGNORE_INDEX = -100
@@ -242,9 +242,7 @@ def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                             f"of shape {tuple(cu_seqlens.shape)}")
         lengths = cu_seqlens.diff()
         if position_ids is None:
-            sample_of_token = torch.repeat_interleave(
-                torch.arange(len(lengths), device=device), lengths, output_size=ids_T.numel())
-            position_ids = torch.arange(ids_T.numel(), device=device) - cu_seqlens[sample_of_token]
+            _, position_ids = sample_positions(cu_seqlens, ids_T.numel())
         elif position_ids.reshape(-1).shape != ids_T.shape:
             raise ValueError(f"position_ids: expected {ids_T.numel()} positions, got "
                              f"{tuple(position_ids.shape)}")

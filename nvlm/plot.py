@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
+from .files import atomic_file
+
 _STAGE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
@@ -50,7 +52,5 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: Path, width: int = 900,
             elif line:
                 draw.point(line, fill=colour)
             draw.text((right - 150, top + 8 + 14 * i), f"- {stage}", fill=colour)
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_file(Path(path)) as tmp:
+        image.save(tmp, format="PNG")

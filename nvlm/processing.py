@@ -29,9 +29,9 @@ import torch
 from PIL import Image, ImageOps
 
 from nvlm.config import NVLMConfig
+from nvlm.model import IGNORE_INDEX
 from nvlm.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 
-IGNORE_INDEX = -100                  # label of tokens that carry no loss
 IMAGE_PLACEHOLDER = "<image>"        # where an image goes in the user text
 DEFAULT_THUMBNAIL_TAG = "<tile_global_thumbnail>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

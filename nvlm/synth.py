@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import atomic_file
+
 QUESTION = "What is the code in the image?"
 
 
@@ -67,15 +69,13 @@ def write_split(folder: Path, name: str, n: int, seed: int, spec: TaskSpec) -> P
     image_dir = folder / "images" / name
     image_dir.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.jsonl"
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for i in range(n):
             image, code = render(rng, spec)
             relative = f"images/{name}/{i:06d}.png"
             image.save(folder / relative, compress_level=1)
             f.write(json.dumps({"image": relative,
                                 "conversations": _conversation(f"<image>\n{QUESTION}", code)}) + "\n")
-    tmp.replace(path)
     return path
 
 
@@ -83,13 +83,11 @@ def write_text_split(folder: Path, n: int, seed: int, spec: TaskSpec) -> Path:
     """Text-only samples: copy the code given in the question (the LM's half of the skill)."""
     rng = random.Random(seed)
     path = folder / "text.jsonl"
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for _ in range(n):
             code = "".join(rng.choice("0123456789") for _ in range(spec.digits))
             f.write(json.dumps({"conversations": _conversation(
                 f"The code is {code}. {QUESTION}", code)}) + "\n")
-    tmp.replace(path)
     return path
 
 

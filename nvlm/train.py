@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 from nvlm import recipes  # noqa: E402
 from nvlm.config import NVLMConfig  # noqa: E402
 from nvlm.data import RowPacker, SampleStream, load_eval_set, parse_data_spec  # noqa: E402
+from nvlm.files import atomic_directory, write_text_atomic  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
 from nvlm.model import IGNORE_INDEX, NVLM, next_token_targets  # noqa: E402
@@ -280,26 +280,14 @@ def save_checkpoint(out: Path, world: World, model, optimizer, packer: RowPacker
         "model_config": model_config.to_dict(),
     }
     folder = _checkpoint_dir(out)
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{position['global_step']:07d}"
-    tmp = folder / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    final = folder / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write_text(folder / "latest", name)
+    with atomic_directory(folder / name) as tmp:
+        torch.save(state, tmp / "state.pt")
+    write_text_atomic(folder / "latest", name)
     kept = sorted(p for p in folder.glob("step-*") if p.is_dir())
     for old in kept[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
     world.barrier()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, config: TrainConfig, model_config: NVLMConfig) -> dict[str, Any]:
@@ -369,7 +357,7 @@ class MetricsLog:
         if keep_until_step is not None and path.is_file():
             with open(path) as f:
                 self.rows = [r for r in map(json.loads, f) if r["step"] <= keep_until_step]
-        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -443,7 +431,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"--resume: {out} has no checkpoint to continue from")
     resumed = load_checkpoint(resume_path, config, model_config) if resume_path else None
     if world.is_main:
-        _atomic_write_text(out / "config.json", json.dumps(
+        write_text_atomic(out / "config.json", json.dumps(
             {"train": config.to_dict(), "model": model_config.to_dict()}, indent=2))
     if world.distributed:
         shard_model(model)
@@ -562,7 +550,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         summary["tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)
         summary["padding_fraction"] = padding[-1] if padding else 0.0
         summary["wall_s"] = time.perf_counter() - wall_start
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         from nvlm.plot import plot_loss
 
         plot_loss(metrics.rows, out / "loss.png")
