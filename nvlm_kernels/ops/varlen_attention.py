@@ -10,12 +10,16 @@ bottom-right (query i of lq sees key j <= i + lk - lq) and key blocks entirely a
 are never visited; GQA maps query head h to key head h // (Hq / Hkv) without copying K/V; the
 log-sum-exp of each row is saved (+inf for a row that sees no key, whose output is 0).
 
-Backward: D = rowsum(O * dO) first (a small kernel); then dK/dV in one pass over key blocks (each program owns a
-key block of one key head and loops over the query heads of its GQA group and the query blocks
-that see it) and dQ in a second pass over query blocks. Two passes recompute Q K^T twice, against
-atomics on dQ (flash-attention 2's choice) that would make results run-to-run nondeterministic
-and need an fp32 dQ buffer; we keep the deterministic form by default. (Measured comparison
-pending a GPU run; see benchmarks/test_bench_varlen_attention.py.)
+Backward: D = rowsum(O * dO) first (a small kernel); then dK/dV in one pass over key blocks
+(each program owns a key block of one key head and loops over the query heads of its GQA group
+and the query blocks that see it) and dQ in a second pass over query blocks. Two passes recompute
+Q K^T twice, against atomics on dQ (flash-attention 2's choice) that would make results
+run-to-run nondeterministic and need an fp32 dQ buffer; we keep the deterministic form by
+default. (Measured comparison pending a GPU run; see benchmarks/test_bench_varlen_attention.py.)
+
+The loops themselves (online softmax, softmax backward, dK/dV and dQ accumulation) live in
+_attention_core.py and are shared with cross-attention: this module only turns cu_seqlens and the
+causal rule into per-row key bounds and launches the programs.
 
 fp32 inputs use IEEE-precision dots (no tf32), so fp32 meets the 1e-4 reference tolerance;
 fp16/bf16 dots accumulate in fp32. Head dims are padded to the next power of two (>= 16) and
@@ -33,8 +37,10 @@ import triton.language as tl
 from .._memory import new_output
 from .._registration import register_varlen_attention
 from ..compile_gate import KernelSpec
-
-LOG2E = 1.4426950408889634
+from ._attention_core import (CONFIGS, DELTA_ROWS, LOG2E, attend, config, delta_kernel,
+                              delta_spec_signature, dkdv_step, dq_block, head_dim_padded,
+                              load_query_block, load_rows, loop_bounds, store_rows,
+                              unit_last_stride)
 
 
 @triton.jit
@@ -46,17 +52,13 @@ def _sequence_bounds(cu_ptr, sequence, total):
 
 
 @triton.jit
-def _dot(a, b, IEEE_DOTS: tl.constexpr):
-    """a @ b with fp32 accumulation; IEEE precision (no tf32) for the exact fp32 path."""
-    if IEEE_DOTS:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _causal_key_end(block_m, q_len, k_len, BLOCK_M: tl.constexpr):
-    """Keys past this end lie above the bottom-right diagonal for every row of the query block."""
-    return tl.maximum(tl.minimum(k_len, (block_m + 1) * BLOCK_M + k_len - q_len), 0)
+def _row_key_bounds(rows, q_len, k_len, CAUSAL: tl.constexpr):
+    """Row i of a sequence sees keys [0, k_len), causal: [0, i + k_len - q_len] (bottom-right);
+    rows past the sequence see nothing. Keys past the block's last visible key are never loaded."""
+    row_hi = tl.where(rows < q_len, k_len, 0)
+    if CAUSAL:
+        row_hi = tl.maximum(tl.minimum(row_hi, rows + (k_len - q_len) + 1), 0)
+    return tl.zeros_like(row_hi), row_hi
 
 
 @triton.jit
@@ -74,64 +76,20 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
         kv_head = head // GROUP
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        row_mask = rows < q_len
         dim_mask = dims < head_dim
-        q = tl.load(q_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh
-                    + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        diagonal = k_len - q_len  # bottom-right alignment: row i sees cols <= i + diagonal
-        k_end = k_len
-        if CAUSAL:  # key blocks entirely above the diagonal are never loaded
-            k_end = _causal_key_end(block_m, q_len, k_len, BLOCK_M)
-        for start_n in range(0, k_end, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            col_mask = cols < k_len
-            kv_offsets = (k_start + cols)[:, None].to(tl.int64)
-            kv_mask = col_mask[:, None] & dim_mask[None, :]
-            k = tl.load(k_ptr + kv_offsets * stride_kt + kv_head * stride_kh + dims[None, :],
-                        mask=kv_mask, other=0.0)
-            scores = _dot(q, tl.trans(k), IEEE_DOTS) * qk_scale_log2
-            visible = col_mask[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
-                        mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOTS)
-            m_i = m_new
-        seen = l_i > 0.0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        tl.store(out_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
-                 + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & dim_mask[None, :])
-        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # log2 units
-        tl.store(lse_ptr + head.to(tl.int64) * total_q + q_start + rows, lse, mask=row_mask)
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(out_ptr, grad_out_ptr, delta_ptr, stride_ot, stride_oh, stride_dot,
-                           stride_doh, total_q, head_dim, HEAD_DIM: tl.constexpr,
-                           BLOCK_M: tl.constexpr):
-    """delta[h, i] = sum_d out[i, h, d] * grad_out[i, h, d] in fp32 (the softmax backward's
-    row term), in the (Hq, total_q) layout of the saved log-sum-exp."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
-    dims = tl.arange(0, HEAD_DIM)
-    mask = (rows < total_q)[:, None] & (dims < head_dim)[None, :]
-    offsets = rows[:, None].to(tl.int64)
-    out = tl.load(out_ptr + offsets * stride_ot + head * stride_oh + dims[None, :], mask=mask,
-                  other=0.0).to(tl.float32)
-    grad_out = tl.load(grad_out_ptr + offsets * stride_dot + head * stride_doh + dims[None, :],
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + head.to(tl.int64) * total_q + rows, tl.sum(out * grad_out, axis=1),
-             mask=rows < total_q)
+        mask = (rows < q_len)[:, None] & dim_mask[None, :]
+        q_base = q_start.to(tl.int64) * stride_qt + head * stride_qh
+        q = load_rows(q_ptr + q_base, rows, stride_qt, dims, mask)
+        row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
+        key_lo, key_hi = loop_bounds(row_lo, row_hi, k_len)
+        k_base = k_start.to(tl.int64)
+        out, lse = attend(q, k_ptr + k_base * stride_kt + kv_head * stride_kh,
+                          v_ptr + k_base * stride_vt + kv_head * stride_vh, stride_kt, stride_vt,
+                          row_lo, row_hi, key_lo, key_hi, dims, dim_mask, qk_scale_log2,
+                          BLOCK_M, BLOCK_N, HEAD_DIM, IEEE_DOTS)
+        store_rows(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh, rows,
+                   stride_ot, dims, out, mask)
+        tl.store(lse_ptr + head.to(tl.int64) * total_q + q_start + rows, lse, mask=rows < q_len)
 
 
 @triton.jit
@@ -149,46 +107,36 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         q_start, q_len = _sequence_bounds(cu_q_ptr, sequence, total_q)
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
-        col_mask = cols < k_len
         dim_mask = dims < head_dim
-        kv_offsets = (k_start + cols)[:, None].to(tl.int64)
-        kv_mask = col_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_ptr + kv_offsets * stride_kt + kv_head * stride_kh + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
-                    mask=kv_mask, other=0.0)
+        kv_mask = (cols < k_len)[:, None] & dim_mask[None, :]
+        k_base = k_start.to(tl.int64)
+        k = load_rows(k_ptr + k_base * stride_kt + kv_head * stride_kh, cols, stride_kt, dims,
+                      kv_mask)
+        v = load_rows(v_ptr + k_base * stride_vt + kv_head * stride_vh, cols, stride_vt, dims,
+                      kv_mask)
         dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        diagonal = k_len - q_len
         m_first = 0
-        if CAUSAL:  # query rows i < n0 - diagonal see none of these keys
-            m_first = tl.maximum(block_n * BLOCK_N - diagonal, 0) // BLOCK_M * BLOCK_M
+        if CAUSAL:  # query rows i < n0 - (k_len - q_len) see none of these keys
+            m_first = tl.maximum(block_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
+        q_base = q_start.to(tl.int64)
         for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):
+            stats_base = tl.cast(head, tl.int64) * total_q + q_start
             for start_m in range(m_first, q_len, BLOCK_M):
                 rows = start_m + tl.arange(0, BLOCK_M)
-                row_mask = rows < q_len
-                q_offsets = (q_start + rows)[:, None].to(tl.int64)
-                q_mask = row_mask[:, None] & dim_mask[None, :]
-                q = tl.load(q_ptr + q_offsets * stride_qt + head * stride_qh + dims[None, :],
-                            mask=q_mask, other=0.0)
-                grad_out = tl.load(grad_out_ptr + q_offsets * stride_dot + head * stride_doh
-                                   + dims[None, :], mask=q_mask, other=0.0)
-                lse = tl.load(lse_ptr + tl.cast(head, tl.int64) * total_q + q_start + rows,
-                              mask=row_mask, other=float("inf"))
-                delta = tl.load(delta_ptr + tl.cast(head, tl.int64) * total_q + q_start + rows,
-                                mask=row_mask, other=0.0)
-                scores = _dot(q, tl.trans(k), IEEE_DOTS)
-                visible = row_mask[:, None] & col_mask[None, :]
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-                p = tl.where(visible, tl.exp2(scores * qk_scale_log2 - lse[:, None]), 0.0)
-                dv += _dot(tl.trans(p.to(grad_out.dtype)), grad_out, IEEE_DOTS)
-                ds = p * (_dot(grad_out, tl.trans(v), IEEE_DOTS) - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOTS)
-        tl.store(dk_ptr + kv_offsets * stride_kt + kv_head * stride_kh + dims[None, :],
-                 (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+                q, grad_out, lse, delta = load_query_block(
+                    q_ptr + q_base * stride_qt + head * stride_qh,
+                    grad_out_ptr + q_base * stride_dot + head * stride_doh,
+                    lse_ptr + stats_base, delta_ptr + stats_base, rows, rows < q_len,
+                    stride_qt, stride_dot, dims, dim_mask)
+                row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
+                visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+                dk, dv = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
+                                   qk_scale_log2, False, IEEE_DOTS)
+        store_rows(dk_ptr + k_base * stride_kt + kv_head * stride_kh, cols, stride_kt, dims,
+                   dk * softmax_scale, kv_mask)
+        store_rows(dv_ptr + k_base * stride_vt + kv_head * stride_vh, cols, stride_vt, dims, dv,
+                   kv_mask)
 
 
 @triton.jit
@@ -207,89 +155,22 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
         kv_head = head // GROUP
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        row_mask = rows < q_len
         dim_mask = dims < head_dim
-        q_offsets = (q_start + rows)[:, None].to(tl.int64)
-        q_mask = row_mask[:, None] & dim_mask[None, :]
-        q = tl.load(q_ptr + q_offsets * stride_qt + head * stride_qh + dims[None, :], mask=q_mask,
-                    other=0.0)
-        grad_out = tl.load(grad_out_ptr + q_offsets * stride_dot + head * stride_doh
-                           + dims[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(lse_ptr + head.to(tl.int64) * total_q + q_start + rows, mask=row_mask,
-                      other=float("inf"))
-        delta = tl.load(delta_ptr + head.to(tl.int64) * total_q + q_start + rows, mask=row_mask,
-                        other=0.0)
-        dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        diagonal = k_len - q_len
-        k_end = k_len
-        if CAUSAL:
-            k_end = _causal_key_end(block_m, q_len, k_len, BLOCK_M)
-        for start_n in range(0, k_end, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            col_mask = cols < k_len
-            kv_offsets = (k_start + cols)[:, None].to(tl.int64)
-            kv_mask = col_mask[:, None] & dim_mask[None, :]
-            k = tl.load(k_ptr + kv_offsets * stride_kt + kv_head * stride_kh + dims[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_offsets * stride_vt + kv_head * stride_vh + dims[None, :],
-                        mask=kv_mask, other=0.0)
-            scores = _dot(q, tl.trans(k), IEEE_DOTS)
-            dp = _dot(grad_out, tl.trans(v), IEEE_DOTS)
-            visible = row_mask[:, None] & col_mask[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-            p = tl.where(visible, tl.exp2(scores * qk_scale_log2 - lse[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, IEEE_DOTS)
-        tl.store(dq_ptr + q_offsets * stride_qt + head * stride_qh + dims[None, :],
-                 (dq * softmax_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
-
-
-# --------------------------------------------------------------------------------------------
-# configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen once per (arch, head dim,
-# pass) and never re-tuned per total length.
-
-_INTERPRETER_CONFIG = (32, 32, 4, 1)
-_DELTA_ROWS = 32
-
-
-def _config(device: torch.device, head_dim_padded: int, kind: str,
-            dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if device.type != "cuda":
-        return _INTERPRETER_CONFIG
-    arch = "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
-    width = "fp32" if dtype == torch.float32 else "16bit"
-    return _CONFIGS[(arch, kind, min(head_dim_padded, 256), width)]
-
-
-# Shared memory per forward program: Q (BM x D) + stages x (K + V) (BN x D), 2-byte elements.
-# sm90 forward d=128: 32 KB + 3 x 32 KB = 128 KB of 227 KB. fp32 inputs (IEEE dots) get smaller
-# tiles: their elements are twice as wide. The compile gate builds every entry.
-_CONFIGS = {
-    **{("sm90", "fwd", d, "16bit"): (128, 64, 8, 3) for d in (16, 32, 64, 128)},
-    ("sm90", "fwd", 256, "16bit"): (64, 32, 8, 2),
-    **{("sm80", "fwd", d, "16bit"): (128, 64, 4, 2) for d in (16, 32, 64)},
-    ("sm80", "fwd", 128, "16bit"): (128, 32, 8, 2),
-    ("sm80", "fwd", 256, "16bit"): (64, 32, 8, 1),
-    **{(arch, "bwd", d, "16bit"): (64, 64, 4, 2) for arch in ("sm90", "sm80") for d in (16, 32, 64)},
-    **{(arch, "bwd", 128, "16bit"): (64, 64, 8, 2) for arch in ("sm90", "sm80")},
-    ("sm90", "bwd", 256, "16bit"): (64, 64, 8, 1),  # 64-row blocks: wgmma needs M >= 64
-    ("sm80", "bwd", 256, "16bit"): (32, 32, 8, 1),
-    **{(arch, "fwd", d, "fp32"): (64, 32, 4, 2) for arch in ("sm90", "sm80")
-       for d in (16, 32, 64, 128)},
-    **{(arch, "fwd", 256, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")},
-    **{(arch, "bwd", d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
-       for d in (16, 32, 64, 128)},
-    **{(arch, "bwd", 256, "fp32"): (16, 16, 4, 1) for arch in ("sm90", "sm80")},
-}
-
-
-def _head_dim_padded(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+        q_base = q_start.to(tl.int64)
+        stats_base = head.to(tl.int64) * total_q + q_start
+        q, grad_out, lse, delta = load_query_block(
+            q_ptr + q_base * stride_qt + head * stride_qh,
+            grad_out_ptr + q_base * stride_dot + head * stride_doh, lse_ptr + stats_base,
+            delta_ptr + stats_base, rows, rows < q_len, stride_qt, stride_dot, dims, dim_mask)
+        row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
+        key_lo, key_hi = loop_bounds(row_lo, row_hi, k_len)
+        k_base = k_start.to(tl.int64)
+        dq = dq_block(q, grad_out, lse, delta, k_ptr + k_base * stride_kt + kv_head * stride_kh,
+                      v_ptr + k_base * stride_vt + kv_head * stride_vh, stride_kt, stride_vt,
+                      row_lo, row_hi, key_lo, key_hi, 1.0, dims, dim_mask, qk_scale_log2, False,
+                      BLOCK_M, BLOCK_N, HEAD_DIM, IEEE_DOTS)
+        store_rows(dq_ptr + q_base * stride_qt + head * stride_qh, rows, stride_qt, dims,
+                   dq * softmax_scale, (rows < q_len)[:, None] & dim_mask[None, :])
 
 
 def _check_grid(batch: int, heads: int) -> None:
@@ -303,7 +184,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     total_q, heads, head_dim = q.shape
     batch = cu_seqlens_q.numel() - 1
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
@@ -311,8 +192,8 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if total_q == 0 or batch <= 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
     _check_grid(batch, heads)
-    padded = _head_dim_padded(head_dim)
-    block_m, block_n, warps, stages = _config(q.device, padded, "fwd", q.dtype)
+    padded = head_dim_padded(head_dim)
+    block_m, block_n, warps, stages = config(q.device, padded, "fwd", q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
@@ -340,13 +221,14 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     if total_q == 0 or total_k == 0 or batch <= 0:
         return dq, dk, dv
     _check_grid(batch, heads)
-    out = _unit_last_stride(out)
-    padded = _head_dim_padded(head_dim)
+    out = unit_last_stride(out)
+    padded = head_dim_padded(head_dim)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(total_q, _DELTA_ROWS), heads)](
-        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0),
-        grad_out.stride(1), total_q, head_dim, HEAD_DIM=padded, BLOCK_M=_DELTA_ROWS, num_warps=4)
-    block_m, block_n, warps, stages = _config(q.device, padded, "bwd", q.dtype)
+    delta_kernel[(triton.cdiv(total_q, DELTA_ROWS), heads)](
+        out, grad_out, delta, out, delta, out.stride(0), out.stride(1), grad_out.stride(0),
+        grad_out.stride(1), 0, 0, total_q, head_dim, HEAD_DIM=padded, BLOCK_M=DELTA_ROWS,
+        GATE_GRAD=False, num_warps=4)
+    block_m, block_n, warps, stages = config(q.device, padded, "bwd", q.dtype)
     common = dict(GROUP=heads // kv_heads, CAUSAL=causal, HEAD_DIM=padded, BLOCK_M=block_m,
                   BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32, num_warps=warps,
                   num_stages=stages)
@@ -401,15 +283,14 @@ def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str) -> int:
 
 def _specs() -> list[KernelSpec]:
     specs = [KernelSpec(
-        f"varlen_attention_bwd_delta[d={padded}]", _attn_bwd_delta_kernel,
-        {"out_ptr": "*bf16", "grad_out_ptr": "*bf16", "delta_ptr": "*fp32", "stride_ot": "i32",
-         "stride_oh": "i32", "stride_dot": "i32", "stride_doh": "i32", "total_q": "i32",
-         "head_dim": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},
-        {"HEAD_DIM": padded, "BLOCK_M": _DELTA_ROWS},
-        divisible_by_16=("out_ptr", "grad_out_ptr", "stride_ot", "stride_oh", "stride_dot",
-                         "stride_doh", "head_dim"), expects_16_byte_access=True)
-        for padded in (64, 128, 256)]
-    for (arch, kind, padded, width), (block_m, block_n, warps, stages) in _CONFIGS.items():
+        f"attention_bwd_delta[d={padded},{'gate_grad' if gate_grad else 'plain'}]",
+        delta_kernel, delta_spec_signature(),
+        {"HEAD_DIM": padded, "BLOCK_M": DELTA_ROWS, "GATE_GRAD": gate_grad},
+        divisible_by_16=("out_ptr", "grad_out_ptr", "ungated_ptr", "stride_ot", "stride_oh",
+                         "stride_dot", "stride_doh", "stride_ut", "stride_uh", "head_dim"),
+        expects_16_byte_access=True)
+        for padded in (64, 128, 256) for gate_grad in (False, True)]
+    for (arch, kind, padded, width), (block_m, block_n, warps, stages) in CONFIGS.items():
         if width == "fp32" and padded < 64:
             continue  # the d = 16/32 fp32 entries repeat the d = 64 one
         for causal in (False, True):

@@ -1,0 +1,226 @@
+"""The attention core shared by the varlen and the cross-attention kernels.
+
+Both ops are "a block of query rows, each seeing one contiguous range of key rows": varlen
+attention's row i of a sequence sees keys [0, k_len) (causal: [0, i + k_len - q_len]), and
+cross-attention's row i sees [kv_start[i], kv_end[i]). So one set of @triton.jit helpers holds
+the online softmax, the softmax backward and the dK/dV and dQ accumulations, parameterized by
+per-row key bounds (`row_lo`, `row_hi`) and the block's key loop bounds (`key_lo`, `key_hi`,
+the union of its rows' ranges); the two ops only differ in how they find those bounds and which
+programs they launch (ops/varlen_attention.py, ops/cross_attention.py).
+
+Conventions: key pointers arrive offset to key row 0 of the bounds' coordinate system and to the
+key head; scores are in log2 units (log2(e) folded into the scale, exp2 in the loop); the saved
+log-sum-exp is +inf for a row that sees no key, whose output is 0 and whose gradients are 0.
+`gate` (cross-attention) multiplies the attention output per query head; the backward takes
+dO_inner = gate * dO, folded in as an fp32 factor on dO V^T and on P (never a rounded copy of dO).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dot(a, b, IEEE_DOTS: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE precision (no tf32) for the exact fp32 path."""
+    if IEEE_DOTS:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def load_rows(ptr, rows, stride_t, dims, mask):
+    """Rows `rows` (token indices) of a (tokens, d) view: ptr is at row 0 of the right head."""
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_t + dims[None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, rows, stride_t, dims, value, mask):
+    tl.store(ptr + rows[:, None].to(tl.int64) * stride_t + dims[None, :],
+             value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def loop_bounds(row_lo, row_hi, limit):
+    """(key_lo, key_hi): the union of the rows' non-empty key ranges (empty: key_lo >= key_hi)."""
+    nonempty = row_lo < row_hi
+    key_lo = tl.min(tl.where(nonempty, row_lo, limit), axis=0)
+    key_hi = tl.max(tl.where(nonempty, row_hi, 0), axis=0)
+    return key_lo, key_hi
+
+
+@triton.jit
+def attend(q, k_ptr, v_ptr, stride_kt, stride_vt, row_lo, row_hi, key_lo, key_hi, dims,
+           dim_mask, qk_scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           HEAD_DIM: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    """Online softmax of a query block over key rows [key_lo, key_hi), row i seeing only keys
+    [row_lo[i], row_hi[i]). Returns (out, lse): out (BLOCK_M, HEAD_DIM) fp32, lse in log2 units."""
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
+        k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
+        scores = dot(q, tl.trans(k), IEEE_DOTS) * qk_scale_log2
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = load_rows(v_ptr, cols, stride_vt, dims, kv_mask)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOTS)
+        m_i = m_new
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    return out, lse
+
+
+@triton.jit
+def softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
+                     GATED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    """(P, dS) of one (query block, key block) tile: P recomputed from the saved lse, and
+    dS = P * (gate * dO V^T - delta), delta = rowsum(O * dO_inner)."""
+    scores = dot(q, tl.trans(k), IEEE_DOTS)
+    p = tl.where(visible, tl.exp2(scores * qk_scale_log2 - lse[:, None]), 0.0)
+    dp = dot(grad_out, tl.trans(v), IEEE_DOTS)
+    if GATED:
+        dp = dp * gate
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate, qk_scale_log2,
+              GATED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    """Add one query block's contribution to a key block's dK (unscaled) and dV."""
+    p, ds = softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
+                             GATED, IEEE_DOTS)
+    if GATED:
+        p = p * gate
+    dv += dot(tl.trans(p.to(grad_out.dtype)), grad_out, IEEE_DOTS)
+    dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOTS)
+    return dk, dv
+
+
+@triton.jit
+def load_query_block(q_ptr, grad_out_ptr, lse_ptr, delta_ptr, rows, row_mask, stride_qt,
+                     stride_dot, dims, dim_mask):
+    """What the backward needs of a query block: q, dO, lse and delta (pointers at row 0 of the
+    head; lse/delta rows of that head). Rows outside row_mask get lse = +inf, so P = 0."""
+    mask = row_mask[:, None] & dim_mask[None, :]
+    q = load_rows(q_ptr, rows, stride_qt, dims, mask)
+    grad_out = load_rows(grad_out_ptr, rows, stride_dot, dims, mask)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
+    delta = tl.load(delta_ptr + rows, mask=row_mask, other=0.0)
+    return q, grad_out, lse, delta
+
+
+@triton.jit
+def dq_block(q, grad_out, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, row_lo, row_hi,
+             key_lo, key_hi, gate, dims, dim_mask, qk_scale_log2, GATED: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             IEEE_DOTS: tl.constexpr):
+    """dQ (unscaled, fp32) of a query block over key rows [key_lo, key_hi), per-row bounds as in
+    `attend`."""
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
+        k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
+        v = load_rows(v_ptr, cols, stride_vt, dims, kv_mask)
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        _p, ds = softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
+                                  GATED, IEEE_DOTS)
+        dq += dot(ds.to(k.dtype), k, IEEE_DOTS)
+    return dq
+
+
+@triton.jit
+def delta_kernel(out_ptr, grad_out_ptr, delta_ptr, ungated_ptr, gate_grad_ptr, stride_ot,
+                 stride_oh, stride_dot, stride_doh, stride_ut, stride_uh, total_q, head_dim,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, GATE_GRAD: tl.constexpr):
+    """delta[h, i] = sum_d out[i, h, d] * grad_out[i, h, d] in fp32 (the softmax backward's row
+    term), in the (Hq, total_q) layout of the saved log-sum-exp. With GATE_GRAD, also this row
+    block's sum of ungated[i, h, :] . grad_out[i, h, :] into gate_grad[block, h]: the gradient of
+    the gate factor, reduced over blocks by the launcher (deterministic, no atomics)."""
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    mask = (rows < total_q)[:, None] & (dims < head_dim)[None, :]
+    out = load_rows(out_ptr + head * stride_oh, rows, stride_ot, dims, mask).to(tl.float32)
+    grad_out = load_rows(grad_out_ptr + head * stride_doh, rows, stride_dot, dims,
+                         mask).to(tl.float32)
+    tl.store(delta_ptr + head.to(tl.int64) * total_q + rows, tl.sum(out * grad_out, axis=1),
+             mask=rows < total_q)
+    if GATE_GRAD:
+        ungated = load_rows(ungated_ptr + head * stride_uh, rows, stride_ut, dims,
+                            mask).to(tl.float32)
+        tl.store(gate_grad_ptr + block * tl.num_programs(1) + head, tl.sum(ungated * grad_out))
+
+
+DELTA_ROWS = 32
+
+
+# --------------------------------------------------------------------------------------------
+# configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen once per (arch, pass, head
+# dim, operand width) and never re-tuned per total length; both ops use them (their programs
+# hold the same tiles).
+
+INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+# Shared memory per forward program: Q (BM x D) + stages x (K + V) (BN x D), 2-byte elements.
+# sm90 forward d=128: 32 KB + 3 x 32 KB = 128 KB of 227 KB. fp32 inputs (IEEE dots) get smaller
+# tiles: their elements are twice as wide. The compile gate builds every entry.
+CONFIGS = {
+    **{("sm90", "fwd", d, "16bit"): (128, 64, 8, 3) for d in (16, 32, 64, 128)},
+    ("sm90", "fwd", 256, "16bit"): (64, 32, 8, 2),
+    **{("sm80", "fwd", d, "16bit"): (128, 64, 4, 2) for d in (16, 32, 64)},
+    ("sm80", "fwd", 128, "16bit"): (128, 32, 8, 2),
+    ("sm80", "fwd", 256, "16bit"): (64, 32, 8, 1),
+    **{(arch, "bwd", d, "16bit"): (64, 64, 4, 2) for arch in ("sm90", "sm80") for d in (16, 32, 64)},
+    **{(arch, "bwd", 128, "16bit"): (64, 64, 8, 2) for arch in ("sm90", "sm80")},
+    ("sm90", "bwd", 256, "16bit"): (64, 64, 8, 1),  # 64-row blocks: wgmma needs M >= 64
+    ("sm80", "bwd", 256, "16bit"): (32, 32, 8, 1),
+    **{(arch, "fwd", d, "fp32"): (64, 32, 4, 2) for arch in ("sm90", "sm80")
+       for d in (16, 32, 64, 128)},
+    **{(arch, "fwd", 256, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")},
+    **{(arch, "bwd", d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
+       for d in (16, 32, 64, 128)},
+    **{(arch, "bwd", 256, "fp32"): (16, 16, 4, 1) for arch in ("sm90", "sm80")},
+}
+
+
+def config(device: torch.device, head_dim_padded: int, kind: str,
+           dtype: torch.dtype) -> tuple[int, int, int, int]:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    arch = "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+    width = "fp32" if dtype == torch.float32 else "16bit"
+    return CONFIGS[(arch, kind, min(head_dim_padded, 256), width)]
+
+
+def head_dim_padded(head_dim: int) -> int:
+    """Head dims are padded to the next power of two (>= 16, a dot's minimum) and masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def delta_spec_signature() -> dict[str, str]:
+    """The compile-gate signature of delta_kernel (bf16 tensors)."""
+    return {"out_ptr": "*bf16", "grad_out_ptr": "*bf16", "delta_ptr": "*fp32",
+            "ungated_ptr": "*bf16", "gate_grad_ptr": "*fp32",
+            **{s: "i32" for s in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
+                                  "stride_ut", "stride_uh", "total_q", "head_dim")},
+            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "GATE_GRAD": "constexpr"}
