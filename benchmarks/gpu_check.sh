@@ -31,7 +31,7 @@ else
   # the compile gate is CPU CI's job (and the build step compiles every .cu file anyway)
   TESTS=(tests --ignore=tests/test_compile_gate.py)
   # GPU timings only: the CPU rows are CI's
-  BENCH_ARGS=(-k "cuda or varlen_attention" --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-warmup=on)
+  BENCH_ARGS=(-k "cuda or varlen_attention or cross_attention" --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-warmup=on)
   DEVICE=cuda
 fi
 

@@ -195,3 +195,49 @@ def register_varlen_attention(forward_op, backward_op) -> None:
     _register_fake(forward_op, _attention_fake)
     _register_fake(backward_op, _attention_backward_fake)
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# cross_attention(q, k, v, kv_start, kv_end, gate_factor, softmax_scale, save_ungated)
+#     -> (out, lse, ungated)      gate_factor: None or (Hq,) fp32 tanh(gate); ungated: the output
+#                                 before the gate when save_ungated, else empty
+# cross_attention_backward(grad_out, q, k, v, out, lse, ungated, kv_start, kv_end, gate_factor,
+#                          softmax_scale, gate_grad) -> (dq, dk, dv, d_gate_factor)
+
+
+def _cross_attention_fake(q, k, v, kv_start, kv_end, gate_factor, softmax_scale, save_ungated):
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    saved = save_ungated and gate_factor is not None
+    return q.new_empty(q.shape), lse, q.new_empty(q.shape if saved else (0,))
+
+
+def _cross_attention_backward_fake(grad_out, q, k, v, out, lse, ungated, kv_start, kv_end,
+                                   gate_factor, softmax_scale, gate_grad):
+    gate_shape = (q.shape[1],) if gate_grad and gate_factor is not None else (0,)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(gate_shape, dtype=torch.float32))
+
+
+def register_cross_attention(forward_op, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        q, k, v, kv_start, kv_end, gate_factor, softmax_scale, _save_ungated = inputs
+        out, lse, ungated = output
+        ctx.save_for_backward(q, k, v, out, lse, ungated, kv_start, kv_end, gate_factor)
+        ctx.softmax_scale = softmax_scale
+        ctx.mark_non_differentiable(lse, ungated)
+
+    def backward(ctx, grad_out, _grad_lse, _grad_ungated):
+        refuse_double_backward("cross_attention")
+        q, k, v, out, lse, ungated, kv_start, kv_end, gate_factor = ctx.saved_tensors
+        gate_grad = ctx.needs_input_grad[5]
+        if gate_grad and ungated.shape != q.shape:
+            raise RuntimeError("cross_attention: the gate needs a gradient but the forward was "
+                               "run with save_ungated=False; pass save_ungated=True whenever "
+                               "gate_factor requires grad")
+        dq, dk, dv, d_gate = backward_op(grad_out, q, k, v, out, lse, ungated, kv_start, kv_end,
+                                         gate_factor, ctx.softmax_scale, gate_grad)
+        return dq, dk, dv, None, None, (d_gate if gate_grad else None), None, None
+
+    _register_fake(forward_op, _cross_attention_fake)
+    _register_fake(backward_op, _cross_attention_backward_fake)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

@@ -23,11 +23,13 @@ TRITON_OPS: dict[str, tuple[str, str, tuple[torch.dtype, ...]]] = {
                                 _LOW_AND_FULL),
     "multimodal_embed": ("multimodal_embed", "multimodal_embed", _LOW_AND_FULL),
     "varlen_attention": ("varlen_attention", "varlen_attention", _LOW_AND_FULL),
+    "cross_attention": ("cross_attention", "cross_attention", _LOW_AND_FULL),
 }
 
 # modules whose COMPILE_SPECS the compile gate builds for sm_80 and sm_90
 KERNEL_MODULES: tuple[str, ...] = ("pixel_shuffle", "pixel_shuffle_layernorm",
-                                   "multimodal_embed", "varlen_attention")
+                                   "multimodal_embed", "varlen_attention",
+                                   "cross_attention")
 
 
 def _dtype_check(dtypes: tuple[torch.dtype, ...]):

@@ -1,0 +1,372 @@
+"""Triton gated cross-attention with per-query key ranges (NVLM-X/H), forward and backward.
+
+q (total_q, Hq, d) text queries; k/v (total_kv, Hkv, d) the packed memory; int32 kv_start/kv_end:
+query row i sees memory rows [kv_start[i], kv_end[i]). The loops are the attention core shared
+with varlen attention (_attention_core.py); this module finds the bounds and launches programs.
+
+Forward: programs over (query block, query head). A block's rows usually share one range (the
+text of one sample after one image), so the program loops over the union of its rows' ranges and
+masks per row; an empty range gives a 0 row (lse = +inf, so no gradient either). Ranges are
+clamped into [0, total_kv] in the kernel, so bad contents never address outside the memory (the
+public op validates them on the CPU and with NVLM_KERNELS_DEBUG=1).
+
+Gate: the caller passes the per-head factor tanh(gate) as an (Hq,) fp32 vector (a 64-element
+torch op, differentiable as usual); the kernel multiplies it into the output in the epilogue, so
+the gated output costs no extra pass. Its gradient needs the ungated output O (the gate is 0 at
+initialisation, so O cannot be recovered from the gated one): when the factor requires a
+gradient the forward also writes O, which the backward's delta kernel reduces with dO into
+d factor[h] = sum_i O[i, h] . dO[i, h] (per-block partial sums, added up in a fixed order).
+The softmax backward itself runs on dO_inner = factor * dO, folded in as fp32 factors, and
+delta = rowsum(O_gated * dO) = rowsum(O * dO_inner), so it needs only the gated output.
+
+Backward: delta first, then dK/dV over key blocks (each program owns a key block of one key head
+and loops over the query blocks whose ranges reach it, then the query heads of its GQA group) and
+dQ over query blocks: deterministic, no atomics, as for varlen attention. Which query blocks reach
+a key block is computed on the device by the launcher from the ranges ((query blocks x key
+blocks) comparisons, no host sync) as a span [first, last) of query blocks. In NVLM's layouts
+the span is tight (the text that sees an image is contiguous); with arbitrary ranges a block
+inside the span that misses the key block costs fully masked work, never a wrong result. A
+per-block skip test was tried and dropped: it cost registers (the d = 128 sm_90 dK/dV program
+spilled 88 bytes with it, none without).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._memory import new_output
+from .._registration import register_cross_attention
+from ..compile_gate import KernelSpec
+from ._attention_core import (CONFIGS, DELTA_ROWS, LOG2E, attend, config, delta_kernel,
+                              dkdv_step, dq_block, head_dim_padded, load_query_block, load_rows,
+                              loop_bounds, store_rows, unit_last_stride)
+
+
+@triton.jit
+def _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv):
+    """Each row's [lo, hi), clamped into [0, total_kv] with hi >= lo; masked rows are empty."""
+    lo = tl.load(start_ptr + rows, mask=row_mask, other=0)
+    hi = tl.load(end_ptr + rows, mask=row_mask, other=0)
+    lo = tl.minimum(tl.maximum(lo, 0), total_kv)
+    hi = tl.minimum(tl.maximum(hi, lo), total_kv)
+    return lo, hi
+
+
+@triton.jit
+def _cross_fwd_kernel(q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, gate_ptr, out_ptr, ungated_ptr,
+                      lse_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh, stride_ut, stride_uh, total_q, total_kv, head_dim,
+                      qk_scale_log2, GROUP: tl.constexpr, GATED: tl.constexpr,
+                      SAVE_UNGATED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    block_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < total_q
+    dims = tl.arange(0, HEAD_DIM)
+    dim_mask = dims < head_dim
+    mask = row_mask[:, None] & dim_mask[None, :]
+    row_lo, row_hi = _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv)
+    key_lo, key_hi = loop_bounds(row_lo, row_hi, total_kv)
+    q = load_rows(q_ptr + head * stride_qh, rows, stride_qt, dims, mask)
+    out, lse = attend(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, stride_kt,
+                      stride_vt, row_lo, row_hi, key_lo, key_hi, dims, dim_mask, qk_scale_log2,
+                      BLOCK_M, BLOCK_N, HEAD_DIM, IEEE_DOTS)
+    if GATED:
+        if SAVE_UNGATED:
+            store_rows(ungated_ptr + head * stride_uh, rows, stride_ut, dims, out, mask)
+        out = out * tl.load(gate_ptr + head)
+    store_rows(out_ptr + head * stride_oh, rows, stride_ot, dims, out, mask)
+    tl.store(lse_ptr + head.to(tl.int64) * total_q + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _cross_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, start_ptr,
+                           end_ptr, gate_ptr, first_ptr, last_ptr, dk_ptr, dv_ptr, stride_qt,
+                           stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                           stride_doh, total_q, total_kv, head_dim, qk_scale_log2, softmax_scale,
+                           GROUP: tl.constexpr, GATED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           IEEE_DOTS: tl.constexpr):
+    block_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    dim_mask = dims < head_dim
+    kv_mask = (cols < total_kv)[:, None] & dim_mask[None, :]
+    k = load_rows(k_ptr + kv_head * stride_kh, cols, stride_kt, dims, kv_mask)
+    v = load_rows(v_ptr + kv_head * stride_vh, cols, stride_vt, dims, kv_mask)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    key_block_lo = block_n * BLOCK_N
+    first = tl.load(first_ptr + block_n)
+    last = tl.load(last_ptr + block_n)
+    for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):
+        gate = 1.0
+        if GATED:
+            gate = tl.load(gate_ptr + head)
+        stats = tl.cast(head, tl.int64) * total_q
+        for block_m in range(first, last):
+            rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < total_q
+            row_lo, row_hi = _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv)
+            q, grad_out, lse, delta = load_query_block(
+                q_ptr + head * stride_qh, grad_out_ptr + head * stride_doh, lse_ptr + stats,
+                delta_ptr + stats, rows, row_mask, stride_qt, stride_dot, dims, dim_mask)
+            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+            dk, dv = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate,
+                               qk_scale_log2, GATED, IEEE_DOTS)
+    store_rows(dk_ptr + kv_head * stride_kh, cols, stride_kt, dims, dk * softmax_scale, kv_mask)
+    store_rows(dv_ptr + kv_head * stride_vh, cols, stride_vt, dims, dv, kv_mask)
+
+
+@triton.jit
+def _cross_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, start_ptr,
+                         end_ptr, gate_ptr, dq_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_dot, stride_doh, total_q, total_kv,
+                         head_dim, qk_scale_log2, softmax_scale, GROUP: tl.constexpr,
+                         GATED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    block_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < total_q
+    dims = tl.arange(0, HEAD_DIM)
+    dim_mask = dims < head_dim
+    row_lo, row_hi = _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv)
+    key_lo, key_hi = loop_bounds(row_lo, row_hi, total_kv)
+    stats = head.to(tl.int64) * total_q
+    q, grad_out, lse, delta = load_query_block(
+        q_ptr + head * stride_qh, grad_out_ptr + head * stride_doh, lse_ptr + stats,
+        delta_ptr + stats, rows, row_mask, stride_qt, stride_dot, dims, dim_mask)
+    gate = 1.0
+    if GATED:
+        gate = tl.load(gate_ptr + head)
+    dq = dq_block(q, grad_out, lse, delta, k_ptr + kv_head * stride_kh,
+                  v_ptr + kv_head * stride_vh, stride_kt, stride_vt, row_lo, row_hi, key_lo,
+                  key_hi, gate, dims, dim_mask, qk_scale_log2, GATED, BLOCK_M, BLOCK_N, HEAD_DIM,
+                  IEEE_DOTS)
+    store_rows(dq_ptr + head * stride_qh, rows, stride_qt, dims, dq * softmax_scale,
+               row_mask[:, None] & dim_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+
+
+def _check_grid(heads: int) -> None:
+    if heads > 65535:
+        raise ValueError(f"the triton cross_attention launches (blocks, {heads} heads); grid "
+                         f"axis 1 allows at most 65535")
+
+
+def _query_block_spans(kv_start: torch.Tensor, kv_end: torch.Tensor, total_kv: int,
+                       block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key block, the span [first, last) of query blocks whose rows' ranges reach it
+    (first >= last: none). Vectorized on the device: a (query blocks x key blocks) comparison,
+    a few MB even for 64k queries over 64k memory rows."""
+    total_q = kv_start.numel()
+    query_blocks, key_blocks = triton.cdiv(total_q, block_m), triton.cdiv(total_kv, block_n)
+    start = kv_start.clamp(0, total_kv)                      # the kernel's clamping, mirrored
+    end = torch.maximum(kv_end.clamp(max=total_kv), start)
+    nonempty = start < end
+    pad = query_blocks * block_m - total_q
+    lo = F.pad(torch.where(nonempty, start, total_kv), (0, pad), value=total_kv)
+    hi = F.pad(torch.where(nonempty, end, 0), (0, pad), value=0)
+    lo = lo.view(query_blocks, block_m).amin(1)
+    hi = hi.view(query_blocks, block_m).amax(1)
+    key_block_lo = torch.arange(0, key_blocks * block_n, block_n, device=kv_start.device,
+                                dtype=torch.int32)
+    reaches = (lo[:, None] < key_block_lo + block_n) & (hi[:, None] > key_block_lo)
+    index = torch.arange(query_blocks, device=kv_start.device, dtype=torch.int32)[:, None]
+    first = torch.where(reaches, index, query_blocks).amin(0)
+    last = torch.where(reaches, index + 1, 0).amax(0)
+    return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+
+
+@torch.library.custom_op("nvlm_triton::cross_attention", mutates_args=())
+def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        kv_start: torch.Tensor, kv_end: torch.Tensor,
+                        gate_factor: torch.Tensor | None, softmax_scale: float,
+                        save_ungated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, ungated): ungated is the output before the gate when save_ungated (for the
+    gate's gradient), else empty."""
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    total_q, heads, head_dim = q.shape
+    gated = gate_factor is not None
+    save_ungated = save_ungated and gated
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    ungated = new_output(q.shape if save_ungated else (0,), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse, ungated
+    _check_grid(heads)
+    padded = head_dim_padded(head_dim)
+    block_m, block_n, warps, stages = config(q.device, padded, "fwd", q.dtype)
+    target = ungated if save_ungated else out
+    _cross_fwd_kernel[(triton.cdiv(total_q, block_m), heads)](
+        q, k, v, kv_start, kv_end, gate_factor if gated else q, out, target, lse, q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), target.stride(0), target.stride(1), total_q, k.shape[0], head_dim,
+        softmax_scale * LOG2E, GROUP=heads // k.shape[1], GATED=gated, SAVE_UNGATED=save_ungated,
+        HEAD_DIM=padded, BLOCK_M=block_m, BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages)
+    return out, lse, ungated
+
+
+@torch.library.custom_op("nvlm_triton::cross_attention_backward", mutates_args=())
+def _cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                 ungated: torch.Tensor, kv_start: torch.Tensor,
+                                 kv_end: torch.Tensor, gate_factor: torch.Tensor | None,
+                                 softmax_scale: float, gate_grad: bool
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d gate_factor); the last is (Hq,) fp32 when gate_grad, else empty."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out = grad_out.contiguous()
+    total_q, heads, head_dim = q.shape
+    total_kv, kv_heads, _ = k.shape
+    gated = gate_factor is not None
+    gate_grad = gate_grad and gated
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    d_gate = torch.zeros((heads,) if gate_grad else (0,), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return dq, dk, dv, d_gate
+    _check_grid(heads)
+    out = unit_last_stride(out)
+    ungated = unit_last_stride(ungated) if gate_grad else out
+    padded = head_dim_padded(head_dim)
+    delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    delta_blocks = triton.cdiv(total_q, DELTA_ROWS)
+    partial = torch.empty((delta_blocks, heads) if gate_grad else (0,), dtype=torch.float32,
+                          device=q.device)
+    delta_kernel[(delta_blocks, heads)](
+        out, grad_out, delta, ungated, partial if gate_grad else delta, out.stride(0),
+        out.stride(1), grad_out.stride(0), grad_out.stride(1), ungated.stride(0),
+        ungated.stride(1), total_q, head_dim, HEAD_DIM=padded, BLOCK_M=DELTA_ROWS,
+        GATE_GRAD=gate_grad, num_warps=4)
+    if gate_grad:
+        d_gate = partial.sum(0)
+    if total_kv == 0:
+        return dq, dk, dv, d_gate
+    block_m, block_n, warps, stages = config(q.device, padded, "bwd", q.dtype)
+    common = dict(GROUP=heads // kv_heads, GATED=gated, HEAD_DIM=padded, BLOCK_M=block_m,
+                  BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32, num_warps=warps,
+                  num_stages=stages)
+    gate = gate_factor if gated else q
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               grad_out.stride(0), grad_out.stride(1))
+    scalars = (total_q, total_kv, head_dim, softmax_scale * LOG2E, softmax_scale)
+    first, last = _query_block_spans(kv_start, kv_end, total_kv, block_m, block_n)
+    _cross_bwd_dkdv_kernel[(triton.cdiv(total_kv, block_n), kv_heads)](
+        q, k, v, grad_out, lse, delta, kv_start, kv_end, gate, first, last, dk, dv, *strides,
+        *scalars, **common)
+    _cross_bwd_dq_kernel[(triton.cdiv(total_q, block_m), heads)](
+        q, k, v, grad_out, lse, delta, kv_start, kv_end, gate, dq, *strides, *scalars, **common)
+    return dq, dk, dv, d_gate
+
+
+register_cross_attention(_cross_attention_op, _cross_attention_backward_op)
+
+
+def gate_factor(gate: torch.Tensor | float | None, heads: int,
+                device: torch.device) -> torch.Tensor | None:
+    """tanh(gate) as the (heads,) fp32 vector the kernels read; differentiable in a tensor gate."""
+    if gate is None:
+        return None
+    if isinstance(gate, torch.Tensor):
+        return torch.tanh(gate.float()).reshape(-1).expand(heads).contiguous()
+    return torch.full((heads,), math.tanh(gate), dtype=torch.float32, device=device)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
+                    kv_end: torch.Tensor, softmax_scale: float | None = None,
+                    gate: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The triton backend of nvlm_kernels.cross_attention (inputs already validated)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    factor = gate_factor(gate, q.shape[1], q.device)
+    save_ungated = factor is not None and factor.requires_grad
+    out, _lse, _ungated = _cross_attention_op(q, k, v, kv_start, kv_end, factor, scale,
+                                              save_ungated)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# compile gate: every shipped config x head dim x dtype, gated (the superset of the ungated
+# programs: a load and a multiply more), for the arch it is meant for
+
+# Spills the compile gate measured (cuobjdump STACK bytes, triton 3.9, 2026-11-27) and accepts,
+# as for varlen attention: the backward at the register limit for d = 64 on sm_80 and d = 256 on
+# sm_90 (speed, not correctness; retune on a GPU). fp32 (IEEE dots) is for correctness checks.
+_MEASURED_SPILLS_16BIT = {("sm80", "bwd_dkdv", 64): 8, ("sm80", "bwd_dq", 64): 16,
+                          ("sm90", "bwd_dkdv", 256): 512, ("sm90", "bwd_dq", 256): 152}
+_MEASURED_SPILLS_FP32 = 10 * 1024 + 512
+
+
+def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str) -> int:
+    if dtype == "fp32":
+        return _MEASURED_SPILLS_FP32
+    return _MEASURED_SPILLS_16BIT.get((arch, kernel, padded), 0)
+
+
+_STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
+
+
+def _specs() -> list[KernelSpec]:
+    specs = []
+    for (arch, kind, padded, width), (block_m, block_n, warps, stages) in CONFIGS.items():
+        if width == "fp32" and padded < 64:
+            continue  # the d = 16/32 fp32 entries repeat the d = 64 one
+        dtype = "bf16" if width == "16bit" else "fp32"  # fp16 lowers like bf16
+        pointer = f"*{dtype}"
+        arch_number = 90 if arch == "sm90" else 80
+        constexprs = {"GROUP": 1, "GATED": True, "HEAD_DIM": padded, "BLOCK_M": block_m,
+                      "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
+        flags = {c: "constexpr" for c in constexprs}
+        common = dict(num_warps=warps, num_stages=stages, archs=(arch_number,),
+                      expects_wgmma=dtype != "fp32")
+        name = f"cross_attention_{{}}[{arch},d={padded},{dtype}]"
+        ranges = {"start_ptr": "*i32", "end_ptr": "*i32", "gate_ptr": "*fp32"}
+        if kind == "fwd":
+            signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, **ranges,
+                         "out_ptr": pointer, "ungated_ptr": pointer, "lse_ptr": "*fp32",
+                         **{s: "i32" for s in _STRIDES + (
+                             "stride_ot", "stride_oh", "stride_ut", "stride_uh", "total_q",
+                             "total_kv", "head_dim")},
+                         "qk_scale_log2": "fp32", "SAVE_UNGATED": "constexpr", **flags}
+            specs.append(KernelSpec(
+                name.format("fwd"), _cross_fwd_kernel, signature,
+                {**constexprs, "SAVE_UNGATED": True},
+                allowed_spill_bytes=_allowed_spills(arch, "fwd", padded, dtype),
+                divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "ungated_ptr",
+                                 *_STRIDES, "stride_ot", "stride_oh", "stride_ut", "stride_uh",
+                                 "head_dim"), **common))
+            continue
+        base = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "grad_out_ptr": pointer,
+                "lse_ptr": "*fp32", "delta_ptr": "*fp32", **ranges}
+        tail = {**{s: "i32" for s in _STRIDES + ("stride_dot", "stride_doh", "total_q",
+                                                 "total_kv", "head_dim")},
+                "qk_scale_log2": "fp32", "softmax_scale": "fp32", **flags}
+        aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", *_STRIDES, "stride_dot",
+                   "stride_doh", "head_dim")
+        specs.append(KernelSpec(
+            name.format("bwd_dkdv"), _cross_bwd_dkdv_kernel,
+            {**base, "first_ptr": "*i32", "last_ptr": "*i32", "dk_ptr": pointer,
+             "dv_ptr": pointer, **tail}, constexprs,
+            allowed_spill_bytes=_allowed_spills(arch, "bwd_dkdv", padded, dtype),
+            divisible_by_16=aligned + ("dk_ptr", "dv_ptr"), **common))
+        specs.append(KernelSpec(
+            name.format("bwd_dq"), _cross_bwd_dq_kernel, {**base, "dq_ptr": pointer, **tail},
+            constexprs, allowed_spill_bytes=_allowed_spills(arch, "bwd_dq", padded, dtype),
+            divisible_by_16=aligned + ("dq_ptr",), **common))
+    return specs
+
+
+COMPILE_SPECS = _specs()
