@@ -2,6 +2,7 @@
 
     config = NVLMConfig.from_preset("tiny")          # NVLM-D, CPU-trainable in minutes
     config = NVLMConfig.from_preset("72b", arch="D") # NVLM-D-72B sizes (NVLM.md sections 3-7)
+    config = NVLMConfig.from_preset("tiny", arch="X") # NVLM-X: 1-layer projector, X-attn blocks
 
 Numbers come from NVLM.md; a field's comment says where a preset's value comes from when it is not
 obvious. Configs are plain data: `to_dict()` / `from_dict()` round-trip through JSON (training
@@ -146,6 +147,10 @@ class NVLMConfig:
         layers = tuple(self.xattn_layers)
         if self.arch == "D":
             _require(not layers, "xattn_layers", "empty for arch 'D'", layers)
+        else:
+            _require(bool(layers), "xattn_layers",
+                     f"at least one decoder layer index for arch {self.arch!r} (its images reach "
+                     "the decoder only through the X-attn blocks)", layers)
         _require(list(layers) == sorted(set(layers)), "xattn_layers",
                  "sorted and without repeats", layers)
         _require(all(0 <= i < self.llm.num_layers for i in layers), "xattn_layers",
@@ -168,16 +173,20 @@ class NVLMConfig:
 
     @classmethod
     def from_preset(cls, name: str, arch: Arch = "D") -> "NVLMConfig":
-        """`tiny`, `1b`, `34b` or `72b` for arch D (X and H presets come with their layers)."""
+        """`tiny`, `1b`, `34b` or `72b` for arch D, X or H: the same ViT and LLM; X swaps the
+        projector for one Linear and both add X-attn blocks every XATTN_EVERY[name] layers."""
         if name not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
         if arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
+        config = PRESETS[name]()
         if arch != "D":
-            raise NotImplementedError(
-                f"arch {arch!r}: only NVLM-D presets exist so far (NVLM-X/H come with their "
-                "cross-attention layers)")
-        return PRESETS[name]().validate()
+            every = XATTN_EVERY[name]
+            config.arch = arch
+            config.xattn_layers = tuple(range(0, config.llm.num_layers, every))
+            if arch == "X":  # NVLM.md section 1: LayerNorm(4C) -> Linear(4C -> D)
+                config.projector = dataclasses.replace(config.projector, num_layers=1)
+        return config.validate()
 
 
 def _require(ok: bool, name: str, expected: str, got: Any) -> None:
@@ -244,3 +253,8 @@ def _72b() -> NVLMConfig:
 
 
 PRESETS = {"tiny": _tiny, "1b": _1b, "34b": _34b, "72b": _72b}
+
+# NVLM-X/H: an X-attn block before decoder layers 0, k, 2k, ... (NVLM.md section 8): k = 8 at 72B
+# and 6 at 34B give the paper's 10 blocks. [our choice] k = 4 for the 24-layer 1b (6 blocks) and
+# 2 for the 3-layer tiny (blocks before layers 0 and 2).
+XATTN_EVERY = {"tiny": 2, "1b": 4, "34b": 6, "72b": 8}

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .llm import KVCache, PackedLayout, sample_positions
+from .processing import pack_samples
+from .xattn import XAttnInputs
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -37,7 +39,7 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor | None = None, *,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             xattn: XAttnInputs | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              stop_token_ids: Sequence[int] = (), generator: torch.Generator | None = None,
              stop_check_every: int = 8) -> list[list[int]]:
     """New tokens for each prompt, up to and excluding its first stop token.
@@ -46,6 +48,10 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
         model: an NVLM (anything with `embed`, `language_model` and `config.llm`).
         prompts: 1-D id tensors; their image placeholders are filled, in order, by the tiles of
             pixel_values (all prompts' tiles concatenated in prompt order).
+        xattn: NVLM-X/H, the X-attn inputs of the prompts packed in order (`pack_samples(...)
+            .xattn`). The memory's keys and values are computed once, before the prefill; every
+            new token sees what its prompt's last token sees (the memory of the prompt's latest
+            image, or nothing).
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling mass (1 keeps the whole distribution).
         stop_token_ids: tokens that end a prompt's answer.
@@ -79,7 +85,22 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     batch_index, positions = sample_positions(cu_seqlens, ids_T.numel())
     layout = PackedLayout(cu_seqlens, positions, int(lengths.max()), batch_index)
-    h_TD = model.language_model(model.embed(ids_T, pixel_values), layout, cache)
+    decoder_MD, memory_MD = model.image_rows(pixel_values, xattn)
+    prefill_hooks = step_hooks = None
+    if model.has_xattn:
+        memory = model.memory_cache(memory_MD)
+        if xattn is None:
+            kv_start = kv_end = torch.zeros_like(ids_T, dtype=torch.int32)
+        else:
+            kv_start, kv_end = xattn.kv_start.to(device), xattn.kv_end.to(device)
+            if kv_start.shape != ids_T.shape:
+                raise ValueError(f"xattn.kv_start: expected one range per prompt token "
+                                 f"({ids_T.numel()}), got shape {tuple(kv_start.shape)}")
+        last = (cu_seqlens[1:] - 1).long()
+        prefill_hooks = model.xattn_hooks(memory, kv_start, kv_end)
+        step_hooks = model.xattn_hooks(memory, kv_start[last], kv_end[last])
+    h_TD = model.language_model(model.embed(ids_T, decoder_MD), layout, cache,
+                                before_layer=prefill_hooks)
     logits_BV = model.language_model.logits(h_TD[(cu_seqlens[1:] - 1).long()])
 
     stops = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
@@ -96,7 +117,7 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
         if steps_done == max_new_tokens or (steps_done % stop_check_every == 0 and bool(finished.all())):
             break
         h_BD = model.embed(next_B, None)
-        h_BD = model.language_model(h_BD, step_layout, cache)
+        h_BD = model.language_model(h_BD, step_layout, cache, before_layer=step_hooks)
         logits_BV = model.language_model.logits(h_BD)
         step_layout.position_ids += 1
 
@@ -112,7 +133,9 @@ def chat(model, processor, image, question: str, **generate_kwargs) -> str:
     """Answer one question about one image (or None): build the prompt, generate, decode."""
     sample = processor.prompt(question, images=None if image is None else [image])
     device = model.language_model.output_weight.device
-    pixel_values = sample.pixel_values.to(device) if sample.num_tiles else None
+    batch = pack_samples([sample]).to(device)
+    pixel_values = batch.pixel_values if sample.num_tiles else None
     generate_kwargs.setdefault("stop_token_ids", processor.tokenizer.eos_token_ids)
-    (tokens,) = generate(model, [sample.input_ids], pixel_values, **generate_kwargs)
+    (tokens,) = generate(model, [batch.input_ids], pixel_values, xattn=batch.xattn,
+                         **generate_kwargs)
     return processor.tokenizer.decode(tokens)

@@ -17,6 +17,7 @@ B samples (sequences) in the pack, M cache slots per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -193,11 +194,17 @@ class Qwen2ForCausalLM(nn.Module):
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
 
-    def forward(self, h_TD: torch.Tensor, layout: PackedLayout,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Run the decoder layers on packed embeddings h (T, D); returns hidden states (T, D)."""
+    def forward(self, h_TD: torch.Tensor, layout: PackedLayout, cache: KVCache | None = None,
+                before_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> torch.Tensor:
+        """Run the decoder layers on packed embeddings h (T, D); returns hidden states (T, D).
+
+        before_layer maps a layer index to a function applied to the hidden states just before
+        that layer (NVLM-X/H put their X-attn blocks there)."""
         rotary = self.rotary(layout.position_ids)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if before_layer is not None and i in before_layer:
+                h_TD = before_layer[i](h_TD)
             h_TD = layer(h_TD, rotary, layout, cache)
         return h_TD
 

@@ -1,7 +1,13 @@
-"""NVLM-D: InternViT -> pixel shuffle + projector -> image rows written into the decoder's input.
+"""The NVLM family: InternViT -> pixel shuffle + projector -> image rows, which
+- NVLM-D writes into the decoder's input over the image placeholders;
+- NVLM-X puts into a memory that gated X-attn blocks (nvlm.xattn) before some decoder layers read;
+- NVLM-H splits: each image's thumbnail into the decoder, its regular tiles (interleaved with the
+  embedded tile tags) into the X-attn memory.
 
     model = NVLM(NVLMConfig.from_preset("tiny")); model.init_weights()
     out = model(input_ids, pixel_values, labels)      # out.logits, out.loss
+    out = model(batch.input_ids, batch.pixel_values, batch.labels, cu_seqlens=batch.cu_seqlens,
+                xattn=batch.xattn)                    # NVLM-X/H: which rows go where
 
 Parameter names follow the public NVLM-D / InternVL checkpoints (`vision_model.*`, `mlp1.*`,
 `language_model.model.*`, `language_model.lm_head.*`); nvlm.checkpoint reads and writes them.
@@ -12,6 +18,8 @@ Inputs come in two forms, both turned into one packed layout (nvlm.llm.PackedLay
 - packed: input_ids (T,) or (1, T) holding several samples back to back, with cu_seqlens (B + 1,)
   int32 and optionally position_ids (T,) (default: restarting at 0 in every sample).
 pixel_values (N, 3, S, S) hold all tiles of all images, in the order their placeholders appear.
+NVLM-X/H also take `xattn` (nvlm.xattn.XAttnInputs, built by nvlm.processing.pack_samples): which
+tiles go to the decoder and which to the memory, and each token's range of memory rows.
 
 Shape legend: N tiles, P patches per tile, C ViT width, Q = P / 4 image tokens per tile,
 T packed tokens, D LLM width, V vocabulary.
@@ -19,7 +27,9 @@ T packed tokens, D LLM width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +41,7 @@ from .config import NVLMConfig
 from .layers import init_linear, nvtx_range
 from .llm import PackedLayout, Qwen2ForCausalLM, sample_positions
 from .vision import InternVisionModel
+from .xattn import XAttnBlock, XAttnInputs
 
 IGNORE_INDEX = -100
 
@@ -74,17 +85,23 @@ class Projector(nn.Sequential):
 
 
 class NVLM(nn.Module):
-    """The NVLM-D model (NVLM.md section 1). X and H add cross-attention blocks on the same parts."""
+    """NVLM-D, -X or -H (NVLM.md section 1), by config.arch. X and H hold their X-attn blocks in
+    `xattn`, keyed by the index of the decoder layer they precede."""
 
     def __init__(self, config: NVLMConfig) -> None:
         super().__init__()
         config.validate()
-        if config.arch != "D":
-            raise NotImplementedError(f"config.arch {config.arch!r}: only NVLM-D is built so far")
         self.config = config
         self.vision_model = InternVisionModel(config.vision)
         self.mlp1 = Projector(config)
         self.language_model = Qwen2ForCausalLM(config.llm)
+        if config.arch != "D":
+            self.xattn = nn.ModuleDict({str(i): XAttnBlock(config.llm)
+                                        for i in config.xattn_layers})
+
+    @property
+    def has_xattn(self) -> bool:
+        return self.config.arch != "D"
 
     # ----------------------------------------------------------------------------------------
     # Construction helpers
@@ -100,6 +117,9 @@ class NVLM(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
         self.language_model.init_weights()
+        if self.has_xattn:
+            for block in self.xattn.values():
+                block.init_weights()
 
     def num_params(self, include_dummy_heads: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count. The model holds no zero-padded ViT heads; include_dummy_heads adds
@@ -140,7 +160,7 @@ class NVLM(nn.Module):
     # Forward
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, 3, S, S) -> image rows (N * Q, D) in tile order.
+        """pixel_values (N, 3, S, S) -> image rows (N, Q, D), tile by tile.
 
         N may be 0: the ViT and the projector still run (on no rows), so that every rank of a
         sharded data-parallel run gathers the same parameters and gets (zero) gradients for them
@@ -151,38 +171,92 @@ class NVLM(nn.Module):
         with nvtx_range("vision"), torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
             x_NPC = self.vision_model(pixel_values)
         with nvtx_range("projector"):
-            image_NQD = self.mlp1(x_NPC)
-        return image_NQD.reshape(-1, image_NQD.shape[-1])
+            return self.mlp1(x_NPC)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def image_rows(self, pixel_values: torch.Tensor | None, xattn: XAttnInputs | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows for the decoder's placeholders (M_d, D), X-attn memory (M, D) or None for
+        NVLM-D): D sends every tile to the decoder; X and H route the tiles as xattn says."""
+        table = self.language_model.model.embed_tokens.weight
+        no_rows = table.new_zeros(0, table.shape[1])
+        tiles_NQD = None if pixel_values is None else self.encode_images(pixel_values).to(table.dtype)
+        if not self.has_xattn:
+            if xattn is not None:
+                raise ValueError("xattn: only NVLM-X/H models take X-attn inputs; this one is "
+                                 "NVLM-D")
+            return (no_rows if tiles_NQD is None else tiles_NQD.flatten(0, 1)), None
+        if tiles_NQD is None:
+            return no_rows, no_rows
+        if xattn is None:
+            if tiles_NQD.shape[0] == 0:
+                return no_rows, no_rows
+            raise ValueError(f"xattn: NVLM-{self.config.arch} needs the X-attn inputs of its "
+                             "images (the `xattn` of nvlm.processing.pack_samples) to know which "
+                             "tiles go to the decoder and which to the memory")
+        decoder_MD = tiles_NQD[xattn.decoder_tiles].flatten(0, 1)
+        memory_MD = tiles_NQD[xattn.memory_tiles].flatten(0, 1)
+        if xattn.memory_ids is not None:   # NVLM-H: embed(<tile_k>) interleaved with tile k
+            memory_MD = nvlm_kernels.multimodal_embed(xattn.memory_ids, table, memory_MD,
+                                                      self.config.image_token_id)
+        return decoder_MD, memory_MD
+
+    def embed(self, input_ids: torch.Tensor, image_rows_MD: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (ids' shape + (D,)) with the image rows over the placeholders."""
         table = self.language_model.model.embed_tokens.weight
-        if pixel_values is None:
-            image_MD = table.new_zeros(0, table.shape[1])
-        else:
-            image_MD = self.encode_images(pixel_values).to(table.dtype)
-        return nvlm_kernels.multimodal_embed(input_ids, table, image_MD, self.config.image_token_id)
+        if image_rows_MD is None:
+            image_rows_MD = table.new_zeros(0, table.shape[1])
+        return nvlm_kernels.multimodal_embed(input_ids, table, image_rows_MD,
+                                             self.config.image_token_id)
+
+    def memory_cache(self, memory_MD: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every X-attn block's keys and values of the memory: computed once per prompt batch in
+        generation, then read by the prefill and every decode step."""
+        return {int(i): block.memory_kv(memory_MD) for i, block in self.xattn.items()}
+
+    def xattn_hooks(self, memory: torch.Tensor | dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+                    kv_start: torch.Tensor, kv_end: torch.Tensor
+                    ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """The decoder's `before_layer` functions: each X-attn block over the memory (rows, or
+        the `memory_cache` of them) with the tokens' ranges; None for NVLM-D."""
+        if not self.has_xattn:
+            return None
+        return {int(i): functools.partial(block, memory=memory if isinstance(memory, torch.Tensor)
+                                          else memory[int(i)], kv_start=kv_start, kv_end=kv_end)
+                for i, block in self.xattn.items()}
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                max_seqlen: int | None = None, return_logits: bool = True) -> NVLMOutput:
+                max_seqlen: int | None = None, xattn: XAttnInputs | None = None,
+                return_logits: bool = True) -> NVLMOutput:
         """Logits and (with labels) the next-token loss. labels has input_ids' shape and holds the
         token to predict at each position (= input_ids on answer tokens) or IGNORE_INDEX; targets
-        never cross from one packed sample into the next."""
+        never cross from one packed sample into the next. NVLM-X/H take `xattn` with their images
+        (text alone needs none: no token then sees any memory)."""
         ids_T, layout, scatter_back = _packed_layout(input_ids, attention_mask, cu_seqlens,
                                                      position_ids, max_seqlen)
-        h_TD = self.embed(ids_T, pixel_values)
+
+        def packed(t: torch.Tensor, name: str) -> torch.Tensor:
+            if t.shape != input_ids.shape:
+                raise ValueError(f"{name}: expected input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(t.shape)}")
+            return t.reshape(-1) if scatter_back is None else t[scatter_back]
+
+        decoder_MD, memory_MD = self.image_rows(pixel_values, xattn)
+        h_TD = self.embed(ids_T, decoder_MD)
+        hooks = None
+        if self.has_xattn:
+            if xattn is None:
+                kv_start = kv_end = torch.zeros_like(ids_T, dtype=torch.int32)
+            else:
+                kv_start, kv_end = packed(xattn.kv_start, "xattn.kv_start"), packed(xattn.kv_end, "xattn.kv_end")
+            hooks = self.xattn_hooks(memory_MD, kv_start, kv_end)
         with nvtx_range("decoder"):
-            h_TD = self.language_model(h_TD, layout)
+            h_TD = self.language_model(h_TD, layout, before_layer=hooks)
 
         loss, count = None, 0
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels: expected input_ids' shape {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
-            labels_T = labels.reshape(-1) if scatter_back is None else labels[scatter_back]
-            loss, count = self._next_token_loss(h_TD, labels_T, layout.cu_seqlens)
+            loss, count = self._next_token_loss(h_TD, packed(labels, "labels"), layout.cu_seqlens)
 
         logits = None
         if return_logits:

@@ -22,14 +22,18 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+import nvlm_kernels
 from nvlm.config import NVLMConfig
+from nvlm.llm import sample_positions
 from nvlm.model import IGNORE_INDEX
+from nvlm.xattn import XAttnInputs
 from nvlm.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"        # where an image goes in the user text
@@ -287,6 +291,57 @@ def image_prompt(num_tiles: int, tokens_per_tile: int, image_token: str,
     return f"<Image>{tiles}</Image>"
 
 
+@dataclass
+class ImageLayout:
+    """Where one image with n tiles goes (tile indices 0..n-1 in dynamic_tiles' order).
+
+    opening: decoder text before the image's span, seeing what the text before it sees (NVLM-X:
+        `<Image>`, so that the tokens of `<tile_1>` depend on tile 1 alone, even through the
+        decoder's self-attention).
+    pieces: the rest of the decoder text that replaces `<image>`, as (text, tile) pieces: `tile`
+        is the tile whose tag the piece is (NVLM-X: its tokens see only that tile), else -1.
+    decoder_tiles: the tiles whose rows fill the placeholders of `pieces`, in order.
+    memory_tiles: the tiles that make up the image's X-attn memory, in order.
+    memory_tags: NVLM-H, the tag text before each memory tile (embedded into the memory); else [].
+    """
+
+    opening: str
+    pieces: list[tuple[str, int]]
+    decoder_tiles: list[int]
+    memory_tiles: list[int] = dataclasses.field(default_factory=list)
+    memory_tags: list[str] = dataclasses.field(default_factory=list)
+
+
+def image_layout(arch: str, num_tiles: int, tokens_per_tile: int, image_token: str,
+                 thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG,
+                 has_thumbnail: bool = True) -> ImageLayout:
+    """NVLM.md sections 6 and 8, per architecture:
+
+    - D: `<Image>` + per tile its tag and placeholders + `</Image>` (image_prompt), every tile in
+      the decoder;
+    - X: `<Image>` + the tags alone + `</Image>` in the decoder; every tile in the memory, tag k's
+      tokens tied to tile k;
+    - H: `<Image>` + the thumbnail tag and the thumbnail's placeholders + `</Image>` in the
+      decoder; the regular tiles in the memory, each after its embedded tag. [our choice] Without
+      a thumbnail tile (use_thumbnail off) the decoder span is `<Image></Image>`; a one-tile
+      image is its own thumbnail and has no memory.
+    """
+    tags = tile_tags(num_tiles, thumbnail_tag, has_thumbnail)
+    tiles = list(range(num_tiles))
+    if arch == "D":
+        return ImageLayout("", [(image_prompt(num_tiles, tokens_per_tile, image_token,
+                                              thumbnail_tag, has_thumbnail), -1)], tiles)
+    if arch == "X":
+        return ImageLayout("<Image>", [*zip(tags, tiles), ("</Image>", -1)], [], tiles)
+    if arch == "H":
+        regular = tiles[:-1] if has_thumbnail else tiles
+        thumbnail = tiles[len(regular):]
+        span = "".join(tags[t] + image_token * tokens_per_tile for t in thumbnail)
+        return ImageLayout("", [(f"<Image>{span}</Image>", -1)], thumbnail, regular,
+                           [tags[t] for t in regular])
+    raise ValueError(f"arch: expected 'D', 'X' or 'H', got {arch!r}")
+
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
 
@@ -332,6 +387,20 @@ def chatml(turns: Iterable[tuple[str, str]], add_generation_prompt: bool = False
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
+class XAttnSample:
+    """NVLM-X/H: one sample's images as the X-attn needs them (indices local to the sample;
+    pack_samples offsets them and turns them into nvlm.xattn.XAttnInputs)."""
+
+    image_index: torch.Tensor    # (L,) int64: the image whose span holds the token, else -1
+    tile_index: torch.Tensor | None  # NVLM-X (L,) int64: the tile whose tag holds it, else -1
+    decoder_tiles: list[int]     # tiles whose rows fill the decoder placeholders, in order
+    memory_tiles: list[int]      # tiles of the memory, in memory order
+    memory_ids: torch.Tensor | None  # NVLM-H (M,) int64: tag ids + placeholders; X: None
+    memory_sizes: list[int]      # memory rows per image
+    tokens_per_tile: int         # image rows per tile
+
+
+@dataclass
 class ProcessedSample:
     """One conversation as model inputs (S: tile side, L: tokens, N: tiles of all its images)."""
 
@@ -339,16 +408,11 @@ class ProcessedSample:
     labels: torch.Tensor         # (L,) int64; IGNORE_INDEX except assistant answers + <|im_end|>
     pixel_values: torch.Tensor   # (N, 3, S, S) float32, N = sum(num_tiles); (0, 3, S, S) if none
     num_tiles: list[int]         # per image, in placeholder order
-    num_image_tokens: int        # placeholders in input_ids = N * tokens_per_tile
+    num_image_tokens: int        # placeholders in input_ids (NVLM-D: N * tokens_per_tile)
+    xattn: XAttnSample | None = None   # NVLM-X/H only
 
     def __len__(self) -> int:
         return self.input_ids.numel()
-
-
-# The text that stands for an image in the LLM sequence, per architecture. NVLM-X (tags in the
-# text, tiles in the cross-attention memory) and NVLM-H (thumbnail in the decoder, regular tiles
-# in the memory) add their layouts here, together with the memory description the collator needs.
-_IMAGE_LAYOUTS: dict[str, Callable[..., str]] = {"D": image_prompt}
 
 
 class NVLMProcessor:
@@ -359,10 +423,6 @@ class NVLMProcessor:
     """
 
     def __init__(self, tokenizer: Tokenizer, config: NVLMConfig) -> None:
-        if config.arch not in _IMAGE_LAYOUTS:
-            raise NotImplementedError(
-                f"NVLMProcessor: arch {config.arch!r} has no prompt layout yet; only "
-                f"{sorted(_IMAGE_LAYOUTS)} (NVLM-D) are implemented")
         if tokenizer.image_token_id != config.image_token_id:
             raise ValueError(
                 f"tokenizer.image_token_id: expected config.image_token_id "
@@ -373,7 +433,6 @@ class NVLMProcessor:
                              f"{config.llm.vocab_size}, got {tokenizer.vocab_size}")
         self.tokenizer = tokenizer
         self.config = config
-        self._image_layout = _IMAGE_LAYOUTS[config.arch]
 
     @classmethod
     def from_config(cls, config: NVLMConfig, tokenizer: Tokenizer | None = None) -> "NVLMProcessor":
@@ -388,14 +447,19 @@ class NVLMProcessor:
     def tokens_per_tile(self) -> int:
         return self.config.tokens_per_tile
 
-    def image_text(self, num_tiles: int) -> str:
-        """What one `<image>` with `num_tiles` tiles becomes in the text."""
+    def image_layout(self, num_tiles: int) -> ImageLayout:
+        """Where one `<image>` with `num_tiles` tiles goes, for this config's architecture."""
         # A lone tile is the whole image, so it is tagged as the thumbnail even when
         # use_thumbnail is off (the released code tags every last tile that way).
         has_thumbnail = self.config.use_thumbnail or num_tiles == 1
-        return self._image_layout(num_tiles, self.tokens_per_tile, self.tokenizer.image_token,
-                                  thumbnail_tag=self.config.thumbnail_tag,
-                                  has_thumbnail=has_thumbnail)
+        return image_layout(self.config.arch, num_tiles, self.tokens_per_tile,
+                            self.tokenizer.image_token, thumbnail_tag=self.config.thumbnail_tag,
+                            has_thumbnail=has_thumbnail)
+
+    def image_text(self, num_tiles: int) -> str:
+        """What one `<image>` with `num_tiles` tiles becomes in the decoder's text."""
+        layout = self.image_layout(num_tiles)
+        return layout.opening + "".join(text for text, _tile in layout.pieces)
 
     def __call__(self, conversations: Sequence[Mapping[str, Any]],
                  images: ImageSource | Sequence[ImageSource] | None = None,
@@ -426,6 +490,11 @@ class NVLMProcessor:
         images = _as_image_list(images)
         max_tiles = self.config.max_tiles if max_tiles is None else max_tiles
         _require_positive_int(max_tiles, "max_tiles")
+        if self.config.arch != "D" and max_tiles > self.config.max_tiles:
+            # NVLM-X/H size their tile tags and X-attn memory by the preset
+            raise ValueError(f"max_tiles: expected at most config.max_tiles "
+                             f"({self.config.max_tiles}) for NVLM-{self.config.arch}, got "
+                             f"{max_tiles}")
         image_token = self.tokenizer.image_token
         for i, (_, text) in enumerate(turns):
             if image_token in text:
@@ -456,45 +525,106 @@ class NVLMProcessor:
             tiles.extend(image_tiles)
             num_tiles.append(len(image_tiles))
 
-        image_texts = iter([self.image_text(n) for n in num_tiles])
-        ids: list[int] = []
-        labels: list[int] = []
+        layouts = [self.image_layout(n) for n in num_tiles]
+        first_tiles = np.cumsum([0] + num_tiles[:-1]).tolist() if num_tiles else []
+        tokens = _Tokens()
+        next_image = 0
         for role, text in turns:
-            if role == "user":
-                text = re.sub(re.escape(IMAGE_PLACEHOLDER), lambda _: next(image_texts), text)
-            self._append_turn(role, text, ids, labels)
+            if role != "user" or IMAGE_PLACEHOLDER not in text:
+                self._append_turn(role, [(text, -1, -1)], tokens)
+                continue
+            parts = text.split(IMAGE_PLACEHOLDER)
+            segments = [(parts[0], -1, -1)]
+            for part in parts[1:]:
+                layout, base = layouts[next_image], first_tiles[next_image]
+                segments.append((layout.opening, -1, -1))
+                segments += [(piece, next_image, base + tile if tile >= 0 else -1)
+                             for piece, tile in layout.pieces]
+                segments.append((part, -1, -1))
+                next_image += 1
+            if self.config.arch == "D":
+                # One string, as the released NVLM-D code tokenizes it.
+                segments = [("".join(piece for piece, _, _ in segments), -1, -1)]
+            self._append_turn(role, segments, tokens)
         if add_generation_prompt:
-            header = self.tokenizer.encode(chatml_header("assistant"))
-            ids.extend(header)
-            labels.extend([IGNORE_INDEX] * len(header))
+            tokens.add(self.tokenizer.encode(chatml_header("assistant")), labelled=False)
 
-        input_ids = torch.tensor(ids, dtype=torch.int64)
-        expected = sum(num_tiles) * self.tokens_per_tile
+        input_ids = torch.tensor(tokens.ids, dtype=torch.int64)
+        decoder_tiles = [base + t for layout, base in zip(layouts, first_tiles)
+                         for t in layout.decoder_tiles]
+        expected = len(decoder_tiles) * self.tokens_per_tile
         found = int((input_ids == self.tokenizer.image_token_id).sum())
         if found != expected:
             # Only a tokenizer that splits or merges the image token can get here.
-            raise ValueError(f"input_ids: expected {expected} image tokens (tiles {num_tiles} x "
-                             f"{self.tokens_per_tile} per tile), found {found}")
+            raise ValueError(f"input_ids: expected {expected} image tokens ({len(decoder_tiles)} "
+                             f"tile(s) in the decoder x {self.tokens_per_tile} per tile), found "
+                             f"{found}")
         if tiles:
             pixel_values = image_to_tensor(tiles)
         else:
             pixel_values = torch.empty(0, 3, self.tile_size, self.tile_size, dtype=torch.float32)
+        xattn = None
+        if self.config.arch != "D":
+            xattn = self._xattn_sample(tokens, layouts, first_tiles, decoder_tiles)
         return ProcessedSample(input_ids=input_ids,
-                               labels=torch.tensor(labels, dtype=torch.int64),
+                               labels=torch.tensor(tokens.labels, dtype=torch.int64),
                                pixel_values=pixel_values, num_tiles=num_tiles,
-                               num_image_tokens=expected)
+                               num_image_tokens=expected, xattn=xattn)
 
-    def _append_turn(self, role: str, text: str, ids: list[int], labels: list[int]) -> None:
+    def _xattn_sample(self, tokens: "_Tokens", layouts: list[ImageLayout],
+                      first_tiles: list[int], decoder_tiles: list[int]) -> XAttnSample:
+        memory_tiles, memory_ids, memory_sizes = [], [], []
+        placeholders = [self.tokenizer.image_token_id] * self.tokens_per_tile
+        for layout, base in zip(layouts, first_tiles):
+            memory_tiles += [base + t for t in layout.memory_tiles]
+            size = len(layout.memory_tiles) * self.tokens_per_tile
+            for tag in layout.memory_tags:   # NVLM-H: embed(<tile_k>) before tile k
+                tag_ids = self.tokenizer.encode(tag)
+                memory_ids += tag_ids + placeholders
+                size += len(tag_ids)
+            memory_sizes.append(size)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+        h = self.config.arch == "H"
+        return XAttnSample(image_index=as_tensor(tokens.image_index),
+                           tile_index=None if h else as_tensor(tokens.tile_index),
+                           decoder_tiles=decoder_tiles, memory_tiles=memory_tiles,
+                           memory_ids=as_tensor(memory_ids) if h else None,
+                           memory_sizes=memory_sizes, tokens_per_tile=self.tokens_per_tile)
+
+    def _append_turn(self, role: str, segments: list[tuple[str, int, int]],
+                     tokens: "_Tokens") -> None:
+        """One ChatML turn whose body is `segments` (text, image, tile), each encoded on its own
+        (NVLM-X/H: so every token knows which image span and tile tag it belongs to)."""
         # Header, body and the closing newline are encoded separately: the model generates an
         # answer from right after `<|im_start|>assistant\n`, so training sees the answer's tokens
         # exactly as generation produces them (no BPE merge across the header), and the
         # label boundaries are exact token boundaries.
-        header = self.tokenizer.encode(chatml_header(role))
-        body = self.tokenizer.encode(text + IM_END)
-        newline = self.tokenizer.encode("\n")
-        ids.extend(header + body + newline)
-        body_labels = body if role == "assistant" else [IGNORE_INDEX] * len(body)
-        labels.extend([IGNORE_INDEX] * len(header) + body_labels + [IGNORE_INDEX] * len(newline))
+        answer = role == "assistant"
+        tokens.add(self.tokenizer.encode(chatml_header(role)), labelled=False)
+        segments = list(segments)
+        text, image, tile = segments[-1]
+        segments[-1] = (text + IM_END, image, tile) if image < 0 else segments[-1]
+        if image >= 0:
+            segments.append((IM_END, -1, -1))
+        for text, image, tile in segments:
+            tokens.add(self.tokenizer.encode(text), labelled=answer, image=image, tile=tile)
+        tokens.add(self.tokenizer.encode("\n"), labelled=False)
+
+
+@dataclass
+class _Tokens:
+    """The ids of a sample as they are built, with their labels and X-attn indices."""
+
+    ids: list[int] = dataclasses.field(default_factory=list)
+    labels: list[int] = dataclasses.field(default_factory=list)
+    image_index: list[int] = dataclasses.field(default_factory=list)
+    tile_index: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, ids: list[int], labelled: bool, image: int = -1, tile: int = -1) -> None:
+        self.ids += ids
+        self.labels += ids if labelled else [IGNORE_INDEX] * len(ids)
+        self.image_index += [image] * len(ids)
+        self.tile_index += [tile] * len(ids)
 
 
 def _as_image_list(images: ImageSource | Sequence[ImageSource] | None) -> list[ImageSource]:
@@ -523,6 +653,7 @@ class PackedBatch:
     max_seqlen: int
     pixel_values: torch.Tensor   # (N, 3, S, S) float32, the samples' tiles in order
     num_tiles: list[int]         # per image, all samples' images in order
+    xattn: XAttnInputs | None = None   # NVLM-X/H: tile routing and each token's memory range
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -535,7 +666,7 @@ class PackedBatch:
         return dataclasses.replace(
             self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                      for f in dataclasses.fields(self)
-                     if isinstance(getattr(self, f.name), torch.Tensor)})
+                     if isinstance(getattr(self, f.name), (torch.Tensor, XAttnInputs))})
 
 
 def pack_samples(samples: Sequence[ProcessedSample]) -> PackedBatch:
@@ -546,6 +677,10 @@ def pack_samples(samples: Sequence[ProcessedSample]) -> PackedBatch:
     if len(tile_shapes) != 1:
         raise ValueError(f"samples: expected one tile shape (3, S, S) for all samples, "
                          f"got {sorted(tile_shapes)}")
+    with_xattn = {s.xattn is not None for s in samples}
+    if len(with_xattn) != 1:
+        raise ValueError("samples: expected all from one architecture, got NVLM-D samples (no "
+                         "X-attn inputs) mixed with NVLM-X/H ones")
     lengths = [len(s) for s in samples]
     cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
@@ -557,7 +692,38 @@ def pack_samples(samples: Sequence[ProcessedSample]) -> PackedBatch:
         max_seqlen=max(lengths),
         pixel_values=torch.cat([s.pixel_values for s in samples]),
         num_tiles=[n for s in samples for n in s.num_tiles],
+        xattn=_pack_xattn(samples, cu_seqlens) if with_xattn == {True} else None,
     )
+
+
+def _pack_xattn(samples: Sequence[ProcessedSample], cu_seqlens: torch.Tensor) -> XAttnInputs:
+    """The samples' X-attn descriptions in packed (global) indices, and every token's memory
+    range from nvlm_kernels.cross_attention_ranges."""
+    tiles_before = np.cumsum([0] + [sum(s.num_tiles) for s in samples]).tolist()
+    images_before = np.cumsum([0] + [len(s.num_tiles) for s in samples]).tolist()
+
+    def shifted(index: torch.Tensor, by: int) -> torch.Tensor:
+        return torch.where(index >= 0, index + by, index)
+
+    parts = [s.xattn for s in samples]
+    sample_index, _ = sample_positions(cu_seqlens, int(cu_seqlens[-1]))
+    image_index = torch.cat([shifted(x.image_index, b) for x, b in zip(parts, images_before)])
+    memory_sizes = torch.tensor([n for x in parts for n in x.memory_sizes], dtype=torch.int64)
+    memory_offsets = F.pad(memory_sizes.cumsum(0), (1, 0))
+    tiles = lambda name: torch.tensor(  # noqa: E731
+        [t + b for x, b in zip(parts, tiles_before) for t in getattr(x, name)], dtype=torch.int64)
+    ranges = {}
+    if parts[0].tile_index is not None:   # NVLM-X: the memory is every tile, in tile order
+        ranges["tile_index"] = torch.cat([shifted(x.tile_index, b)
+                                          for x, b in zip(parts, tiles_before)])
+        ranges["tile_offsets"] = torch.arange(tiles_before[-1] + 1) * parts[0].tokens_per_tile
+    kv_start, kv_end = nvlm_kernels.cross_attention_ranges(sample_index, image_index,
+                                                           memory_offsets, **ranges)
+    memory_ids = None
+    if parts[0].memory_ids is not None:   # NVLM-H
+        memory_ids = torch.cat([x.memory_ids for x in parts])
+    return XAttnInputs(decoder_tiles=tiles("decoder_tiles"), memory_tiles=tiles("memory_tiles"),
+                       memory_ids=memory_ids, kv_start=kv_start, kv_end=kv_end)
 
 
 def _require_positive_int(value: Any, name: str) -> None:

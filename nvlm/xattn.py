@@ -19,6 +19,9 @@ Shape legend: T text tokens, M memory rows, D width, H query heads, K key/value 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -27,6 +30,34 @@ import nvlm_kernels
 from .config import LLMConfig
 from .layers import RMSNorm, init_linear, nvtx_range
 from .llm import Qwen2MLP
+
+
+@dataclass
+class XAttnInputs:
+    """What NVLM-X/H need besides the token ids: where each tile's image rows go and which memory
+    rows each text token sees. Built by the processor (`pack_samples`), on the tokens' device.
+
+    decoder_tiles: (N_d,) int64, the tiles whose rows fill the decoder's image placeholders, in
+        order (NVLM-H: each image's thumbnail; NVLM-X: none).
+    memory_tiles: (N_m,) int64, the tiles whose rows make up the X-attn memory, in memory order
+        (NVLM-X: every tile; NVLM-H: the regular tiles).
+    memory_ids: NVLM-H only, (M,) ids of the memory: per regular tile the ids of its tag
+        `<tile_k>` then one image placeholder per image row (filled like the decoder's, through
+        `multimodal_embed`); None for NVLM-X, whose memory is the tile rows alone.
+    kv_start, kv_end: int32, input_ids' shape: token i sees memory rows [kv_start, kv_end)
+        (nvlm_kernels.cross_attention_ranges).
+    """
+
+    decoder_tiles: torch.Tensor
+    memory_tiles: torch.Tensor
+    memory_ids: torch.Tensor | None
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "XAttnInputs":
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
 
 
 class XAttnBlock(nn.Module):
@@ -54,13 +85,23 @@ class XAttnBlock(nn.Module):
         nn.init.zeros_(self.attn_gate)
         nn.init.zeros_(self.ffn_gate)
 
-    def forward(self, h_TD: torch.Tensor, memory_MD: torch.Tensor, kv_start: torch.Tensor,
-                kv_end: torch.Tensor) -> torch.Tensor:
+    def memory_kv(self, memory_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values (M, K, d): computed once per batch (or per prompt in
+        generation) and reused by every text token."""
+        rows = memory_MD.shape[0]
+        k_MKd = self.k_proj(memory_MD).view(rows, self.num_kv_heads, self.head_dim)
+        v_MKd = self.v_proj(memory_MD).view(rows, self.num_kv_heads, self.head_dim)
+        return k_MKd, v_MKd
+
+    def forward(self, h_TD: torch.Tensor,
+                memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                kv_start: torch.Tensor, kv_end: torch.Tensor) -> torch.Tensor:
+        """memory: the rows (M, D), projected here (training: inside forward, so FSDP gathers
+        the weights once), or their (keys, values) from `memory_kv` (generation's cache)."""
         with nvtx_range("xattn"):
-            total, rows = h_TD.shape[0], memory_MD.shape[0]
+            total = h_TD.shape[0]
             q_THd = self.q_proj(self.input_layernorm(h_TD)).view(total, self.num_heads, self.head_dim)
-            k_MKd = self.k_proj(memory_MD).view(rows, self.num_kv_heads, self.head_dim)
-            v_MKd = self.v_proj(memory_MD).view(rows, self.num_kv_heads, self.head_dim)
+            k_MKd, v_MKd = self.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
             gate = self.attn_gate.to(q_THd.dtype)
             out_THd = nvlm_kernels.cross_attention(q_THd, k_MKd.to(q_THd.dtype),
                                                    v_MKd.to(q_THd.dtype), kv_start, kv_end,

@@ -463,8 +463,6 @@ def test_processor_tokens_per_tile_from_config():
 
 
 def test_processor_config_checks():
-    with pytest.raises(NotImplementedError, match="arch 'X'.*only \\['D'\\]"):
-        NVLMProcessor(ByteTokenizer(), dataclasses.replace(small_config(), arch="X"))
     with pytest.raises(ValueError, match="image_token_id: expected config.image_token_id 151654, "
                                          "got 259"):
         NVLMProcessor(ByteTokenizer(), NVLMConfig.from_preset("1b"))
