@@ -73,7 +73,8 @@ def shard_model(model: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     blocks = list(model.vision_model.encoder.layers) + list(model.language_model.model.layers)
-    blocks += list(getattr(model, "xattn", []) or [])
+    if getattr(model, "xattn", None) is not None:   # NVLM-X/H: a ModuleDict by layer index
+        blocks += list(model.xattn.values())
     for block in blocks:
         fully_shard(block)
     fully_shard(model)

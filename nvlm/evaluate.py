@@ -9,7 +9,7 @@ from PIL import Image
 
 from .data import EvalItem
 from .generate import generate
-from .processing import NVLMProcessor, load_image
+from .processing import NVLMProcessor, load_image, pack_samples
 
 
 def exact_match(model, processor: NVLMProcessor, items: Sequence[EvalItem], *, blank: bool = False,
@@ -26,16 +26,15 @@ def exact_match(model, processor: NVLMProcessor, items: Sequence[EvalItem], *, b
     correct = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        prompts, tiles = [], []
+        samples = []
         for item in chunk:
             images = [load_image(p) for p in item.images]
             if blank:
                 images = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
-            sample = processor.prompt(item.question, images or None, max_tiles=max_tiles)
-            prompts.append(sample.input_ids)
-            tiles.append(sample.pixel_values)
-        pixel_values = torch.cat(tiles).to(device)
-        answers = generate(model, prompts, pixel_values if len(pixel_values) else None,
+            samples.append(processor.prompt(item.question, images or None, max_tiles=max_tiles))
+        batch = pack_samples(samples).to(device)
+        pixel_values = batch.pixel_values if len(batch.pixel_values) else None
+        answers = generate(model, [s.input_ids for s in samples], pixel_values, xattn=batch.xattn,
                            max_new_tokens=max_new_tokens, stop_token_ids=tokenizer.eos_token_ids)
         for item, tokens in zip(chunk, answers):
             correct += tokenizer.decode(tokens).strip() == item.answer.strip()

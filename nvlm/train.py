@@ -14,7 +14,7 @@ Resume a killed run where its last checkpoint left it (same losses as an uninter
 
 A run is a list of stages (NVLM.md section 9: pretrain trains the projector, SFT the projector and
 the LLM; the ViT stays frozen). `--stage` picks one recipe from nvlm.recipes; the default demo chains
-several (see DEMO_STAGES). Stage flags (--steps, --lr, ...) override every stage of the run.
+several (see demo_stages). Stage flags (--steps, --lr, ...) override every stage of the run.
 
 The run folder (--out) gets: config.json (the resolved run), metrics.jsonl (one line per step),
 checkpoints/ (atomic, the latest two kept), model/ (save_pretrained of the final model),
@@ -119,11 +119,11 @@ class TrainConfig:
 # The default demo (python nvlm/train.py with no arguments): NVLM's staged training in miniature,
 # sized for about 10 minutes on 2 CPU cores (about 7k tokens/s in pretrain, 5.5k in SFT). The
 # tiny model starts from random weights, not from a pretrained ViT and LLM as NVLM does, so its
-# SFT stage also trains the ViT (the paper keeps it frozen).
-DEMO_STAGES = [
-    StageConfig(name="pretrain", stage="pretrain", steps=100),
-    StageConfig(name="sft", stage="sft", steps=180, trained=("vision", "projector", "llm")),
-]
+# SFT stage trains every part, the ViT included (the paper keeps it frozen).
+def demo_stages(arch: str) -> list[StageConfig]:
+    everything = ("vision", "projector", "llm") + (("xattn",) if arch != "D" else ())
+    return [StageConfig(name="pretrain", stage="pretrain", steps=100),
+            StageConfig(name="sft", stage="sft", steps=180, trained=everything)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -191,7 +191,7 @@ def build_config(args: dict[str, Any]) -> TrainConfig:
                 raise ValueError(f"stages[{i}]: unknown keys {bad}; known: {sorted(stage_fields)}")
             stages.append(StageConfig(**entry))
     elif config.data is None and config.init is None:
-        stages = [dataclasses.replace(s) for s in DEMO_STAGES]
+        stages = demo_stages(config.arch)
     else:
         stages = [StageConfig()]
     overrides = {k: v for k, v in args.items() if k in stage_fields and v is not None
@@ -498,7 +498,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 with autocast:
                     output = model(batch.input_ids, batch.pixel_values, batch.labels,
                                    cu_seqlens=batch.cu_seqlens, position_ids=batch.position_ids,
-                                   max_seqlen=batch.max_seqlen, return_logits=False)
+                                   max_seqlen=batch.max_seqlen, xattn=batch.xattn,
+                                   return_logits=False)
                 # The step's loss is the mean over all its targets on all ranks; FSDP averages
                 # gradients over ranks, hence the world size.
                 weight = output.num_label_tokens * world.size / max(total_count, 1)

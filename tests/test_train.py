@@ -230,3 +230,31 @@ def test_short_run_lowers_the_loss(tmp_path, task):
     assert summary["steps"] == 25
     assert summary["train_loss_final"] < 0.6 * summary["train_loss_first"]
     assert 0.0 <= summary["eval_exact_match"] <= 1.0 and summary["eval_n"] == 3
+
+
+@pytest.mark.parametrize("arch,stage,trained", [("X", "pretrain", {"xattn"}),
+                                                ("X", "sft", {"xattn", "language_model"}),
+                                                ("H", "pretrain", {"xattn", "mlp1"}),
+                                                ("H", "sft", {"xattn", "mlp1", "language_model"})])
+def test_nvlm_x_h_freeze_sets(arch, stage, trained):
+    torch.manual_seed(0)
+    model = NVLM(NVLMConfig.from_preset("tiny", arch=arch))
+    model.init_weights()
+    names = recipes.apply_freeze(model, recipes.recipe(arch, stage, "tiny").trained)
+    assert {n.split(".")[0] for n in names} == trained
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["X", "H"])
+def test_nvlm_x_h_train_resume_and_reload(tmp_path, task, arch):
+    """The trainer runs NVLM-X/H like NVLM-D: packed X-attn inputs, a killed run resumes to the
+    same losses, and the saved model reloads as the same architecture."""
+    whole = train(build_config(run_args(task, tmp_path / "whole", arch=arch, steps=4)))
+    train(build_config(run_args(task, tmp_path / "cut", arch=arch, steps=4, stop_at_step=2)))
+    train(build_config(run_args(task, tmp_path / "cut", arch=arch, steps=4, resume=True)))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert whole["steps"] == 4 and whole["eval_n"] == 3
+    model = NVLM.from_pretrained(tmp_path / "whole" / "model")
+    assert model.config.arch == arch
+    gates = [float(block.attn_gate.detach()) for block in model.xattn.values()]
+    assert all(g != 0.0 for g in gates)   # the X-attn blocks trained
