@@ -2,6 +2,7 @@
 
     python -m nvlm tiles photo.jpg                     # grid and tile table for NVLM's tiling
     python -m nvlm tiles photo.jpg --out tiles.png     # ... and a picture of the grid with tags
+    python -m nvlm tiles photo.jpg --arch H            # ... and where each tile goes in NVLM-H
     python -m nvlm generate --model DIR --image photo.jpg --prompt "What does the sign say?"
 
 Each command is a `_add_<command>(subparsers)` function that declares its arguments and sets
@@ -18,8 +19,8 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from nvlm.processing import (DEFAULT_THUMBNAIL_TAG, find_grid, load_image, tile_boxes,
-                             tile_tags)
+from nvlm.processing import (DEFAULT_THUMBNAIL_TAG, find_grid, image_layout, load_image,
+                             tile_boxes, tile_tags)
 
 EXIT_USAGE = 2
 
@@ -38,7 +39,26 @@ def _add_tiles(subparsers: argparse._SubParsersAction) -> None:
                         help="do not append the whole-image thumbnail tile")
     parser.add_argument("--thumbnail-tag", default=DEFAULT_THUMBNAIL_TAG,
                         help="tag of the thumbnail tile (`<tile_global>` for the 34B model)")
+    parser.add_argument("--arch", choices=["D", "X", "H"], default=None,
+                        help="also show where each tile goes in that architecture: the decoder's "
+                             "sequence or the X-attn memory (NVLM.md sections 1 and 8)")
     parser.set_defaults(run=_run_tiles)
+
+
+_DESTINATIONS = {
+    ("D", "decoder"): "decoder: tag + image tokens",
+    ("X", "memory"): "X-attn memory (the tag stays in the text and sees this tile only)",
+    ("H", "decoder"): "decoder: tag + image tokens",
+    ("H", "memory"): "X-attn memory, after embed(tag)",
+}
+
+
+def _destinations(arch: str, num_tiles: int, thumbnail_tag: str,
+                  has_thumbnail: bool) -> list[str]:
+    layout = image_layout(arch, num_tiles, 1, "<image token>", thumbnail_tag, has_thumbnail)
+    decoder, memory = set(layout.decoder_tiles), set(layout.memory_tiles)
+    return [_DESTINATIONS[(arch, "decoder" if t in decoder else "memory")]
+            if t in decoder | memory else "nowhere" for t in range(num_tiles)]
 
 
 def _run_tiles(args: argparse.Namespace) -> int:
@@ -58,10 +78,16 @@ def _run_tiles(args: argparse.Namespace) -> int:
           f"{args.tile_size}x{args.tile_size} px")
     tag_width = max(len("tag"), *(len(tag) for tag in tags))
     print(f"{'index':>5}  {'tag':<{tag_width}}  box in the image (left, top, right, bottom)")
+    goes_to = None
+    if args.arch is not None:
+        goes_to = _destinations(args.arch, len(boxes), args.thumbnail_tag,
+                                has_thumbnail=use_thumbnail or len(boxes) == 1)
     for index, (tag, box) in enumerate(zip(tags, boxes)):
         is_thumbnail = has_thumbnail_tile and index == len(boxes) - 1
         whole = "  (whole image, squashed)" if is_thumbnail else ""
-        print(f"{index:>5}  {tag:<{tag_width}}  ({', '.join(_fmt(v) for v in box)}){whole}")
+        destination = f"  -> NVLM-{args.arch} {goes_to[index]}" if goes_to else ""
+        print(f"{index:>5}  {tag:<{tag_width}}  ({', '.join(_fmt(v) for v in box)}){whole}"
+              f"{destination}")
 
     if args.out is not None:
         _draw_tiles(image, boxes[:cols * rows], tags, has_thumbnail_tile,

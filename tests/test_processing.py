@@ -553,6 +553,20 @@ def test_cli_tiles_options(tmp_path, capsys):
     assert "<tile_global_thumbnail>  (0, 0, 640, 480)" in out
 
 
+def test_cli_tiles_per_architecture(tmp_path, capsys):
+    image_path = tmp_path / "photo.png"
+    noise_image(1000, 500).save(image_path)
+    expected = {
+        "D": ["decoder: tag + image tokens"] * 3,
+        "X": ["X-attn memory (the tag stays in the text and sees this tile only)"] * 3,
+        "H": ["X-attn memory, after embed(tag)"] * 2 + ["decoder: tag + image tokens"],
+    }
+    for arch, destinations in expected.items():
+        assert cli_main(["tiles", str(image_path), "--arch", arch]) == 0
+        rows = capsys.readouterr().out.splitlines()[3:6]
+        assert [row.split(f"-> NVLM-{arch} ")[1] for row in rows] == destinations
+
+
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"garbage")

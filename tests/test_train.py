@@ -207,12 +207,13 @@ lr = 0.002
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_matches_one_process(tmp_path, task):
-    args = run_args(task, tmp_path / "one", steps=3, eval_n=2)
+@pytest.mark.parametrize("arch", ["D", "H"])   # H: X-attn blocks are FSDP units too
+def test_two_process_fsdp_matches_one_process(tmp_path, task, arch):
+    args = run_args(task, tmp_path / "one", steps=3, eval_n=2, arch=arch)
     train(build_config(args))
 
     cli = []
-    for key, value in run_args(task, tmp_path / "two", steps=3, eval_n=2).items():
+    for key, value in run_args(task, tmp_path / "two", steps=3, eval_n=2, arch=arch).items():
         cli += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
