@@ -259,3 +259,4 @@ def test_nvlm_x_h_train_resume_and_reload(tmp_path, task, arch):
     assert model.config.arch == arch
     gates = [float(block.attn_gate.detach()) for block in model.xattn.values()]
     assert all(g != 0.0 for g in gates)   # the X-attn blocks trained
+

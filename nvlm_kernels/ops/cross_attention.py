@@ -58,22 +58,30 @@ def _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv):
 
 
 @triton.jit
+def _query_block(start_ptr, end_ptr, total_q, total_kv, head_dim, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """The query block of program_id(0): its rows and dims with their masks, each row's key
+    range and the block's key loop bounds."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < total_q
+    dims = tl.arange(0, HEAD_DIM)
+    row_lo, row_hi = _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv)
+    key_lo, key_hi = loop_bounds(row_lo, row_hi, total_kv)
+    return rows, row_mask, dims, dims < head_dim, row_lo, row_hi, key_lo, key_hi
+
+
+@triton.jit
 def _cross_fwd_kernel(q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, gate_ptr, out_ptr, ungated_ptr,
                       lse_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       stride_ot, stride_oh, stride_ut, stride_uh, total_q, total_kv, head_dim,
                       qk_scale_log2, GROUP: tl.constexpr, GATED: tl.constexpr,
                       SAVE_UNGATED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr):
-    block_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < total_q
-    dims = tl.arange(0, HEAD_DIM)
-    dim_mask = dims < head_dim
+    rows, row_mask, dims, dim_mask, row_lo, row_hi, key_lo, key_hi = _query_block(
+        start_ptr, end_ptr, total_q, total_kv, head_dim, BLOCK_M, HEAD_DIM)
     mask = row_mask[:, None] & dim_mask[None, :]
-    row_lo, row_hi = _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv)
-    key_lo, key_hi = loop_bounds(row_lo, row_hi, total_kv)
     q = load_rows(q_ptr + head * stride_qh, rows, stride_qt, dims, mask)
     out, lse = attend(q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, stride_kt,
                       stride_vt, row_lo, row_hi, key_lo, key_hi, dims, dim_mask, qk_scale_log2,
@@ -133,15 +141,10 @@ def _cross_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, 
                          head_dim, qk_scale_log2, softmax_scale, GROUP: tl.constexpr,
                          GATED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr):
-    block_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < total_q
-    dims = tl.arange(0, HEAD_DIM)
-    dim_mask = dims < head_dim
-    row_lo, row_hi = _row_key_ranges(start_ptr, end_ptr, rows, row_mask, total_kv)
-    key_lo, key_hi = loop_bounds(row_lo, row_hi, total_kv)
+    rows, row_mask, dims, dim_mask, row_lo, row_hi, key_lo, key_hi = _query_block(
+        start_ptr, end_ptr, total_q, total_kv, head_dim, BLOCK_M, HEAD_DIM)
     stats = head.to(tl.int64) * total_q
     q, grad_out, lse, delta = load_query_block(
         q_ptr + head * stride_qh, grad_out_ptr + head * stride_doh, lse_ptr + stats,
