@@ -34,23 +34,12 @@ class TaskSpec:
     font_sizes: tuple[int, int] = (14, 18)   # glyph size range in pixels (inclusive)
     digits: int = 4
     margin: int = 4                          # keep the code this far from the border
-    # 0: the code is set as one word anywhere. > 0: one digit per cell of a grid of this pitch in
-    # pixels, in one row of cells at a random cell (jittered by up to cell / 8) -- with the
-    # pitch of the image tokens (patch 14 x pixel-shuffle 2 = 28 px at tile scale) each image
-    # token shows at most one digit, and the code's digits come in reading order in the tokens.
-    cell: int = 0
 
     def validate(self) -> "TaskSpec":
         if self.digits < 3:
             raise ValueError(f"digits: expected >= 3 (so that guessing stays hopeless), got {self.digits}")
         if self.font_sizes[0] > self.font_sizes[1] or self.font_sizes[0] < 6:
             raise ValueError(f"font_sizes: expected 6 <= lo <= hi, got {self.font_sizes}")
-        if self.cell:
-            columns, rows = self.canvas[0] // self.cell, self.canvas[1] // self.cell
-            if self.cell < self.font_sizes[1] or columns < self.digits or rows < 1:
-                raise ValueError(f"cell: expected a pitch >= the largest font size "
-                                 f"{self.font_sizes[1]} with room for {self.digits} cells in a "
-                                 f"row of the {self.canvas} canvas, got {self.cell}")
         return self
 
 
@@ -62,21 +51,11 @@ def render(rng: random.Random, spec: TaskSpec) -> tuple[Image.Image, str]:
     image = Image.new("RGB", (width, height), (background,) * 3)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=rng.randint(*spec.font_sizes))
-    if spec.cell:
-        ink = (rng.randint(0, 80),) * 3
-        column = rng.randint(0, width // spec.cell - spec.digits)
-        row = rng.randint(0, height // spec.cell - 1)
-        jitter = spec.cell // 8
-        for i, digit in enumerate(code):
-            x0, y0, x1, y1 = draw.textbbox((0, 0), digit, font=font)
-            cx = (column + i + 0.5) * spec.cell + rng.randint(-jitter, jitter)
-            cy = (row + 0.5) * spec.cell + rng.randint(-jitter, jitter)
-            draw.text((cx - (x0 + x1) / 2, cy - (y0 + y1) / 2), digit, font=font, fill=ink)
-        return image, code
     x0, y0, x1, y1 = draw.textbbox((0, 0), code, font=font)
     x = rng.randint(spec.margin - x0, width - spec.margin - x1)
     y = rng.randint(spec.margin - y0, height - spec.margin - y1)
-    draw.text((x, y), code, font=font, fill=(rng.randint(0, 80),) * 3)
+    ink = rng.randint(0, 80)
+    draw.text((x, y), code, font=font, fill=(ink,) * 3)
     return image, code
 
 
