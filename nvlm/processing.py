@@ -433,6 +433,8 @@ class NVLMProcessor:
                              f"{config.llm.vocab_size}, got {tokenizer.vocab_size}")
         self.tokenizer = tokenizer
         self.config = config
+        # What the processor writes around and inside an image span (NVLM.md section 6).
+        self._markup = re.compile(r"</?Image>|<tile_\d+>|" + re.escape(config.thumbnail_tag))
 
     @classmethod
     def from_config(cls, config: NVLMConfig, tokenizer: Tokenizer | None = None) -> "NVLMProcessor":
@@ -501,6 +503,14 @@ class NVLMProcessor:
                 raise ValueError(
                     f"conversation[{i}]: contains the image token {image_token!r} as text; it "
                     f"is reserved for image rows (write {IMAGE_PLACEHOLDER!r} where an image goes)")
+            tag = self._markup.search(text) if self.config.arch != "D" else None
+            if tag:
+                # NVLM-X/H tie the tokens of these tags to tiles: text that spells one out would
+                # be a tag the processor cannot match to any tile
+                raise ValueError(
+                    f"conversation[{i}]: contains the image markup {tag.group(0)!r} as text; the "
+                    f"processor writes the image spans and tile tags itself (write "
+                    f"{IMAGE_PLACEHOLDER!r} where an image goes)")
 
         num_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns
                                if role == "user")

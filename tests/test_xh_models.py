@@ -214,6 +214,9 @@ def test_bad_configs_and_inputs():
     model, processor = build("X")
     with pytest.raises(ValueError, match="max_tiles: expected at most config.max_tiles"):
         processor(conversation(), images=[wide_image()], max_tiles=config.max_tiles + 1)
+    for markup in ("<tile_2>", "<Image>", "<tile_global_thumbnail>"):
+        with pytest.raises(ValueError, match=f"contains the image markup '{markup}' as text"):
+            processor(conversation(f"is {markup} here?"), images=[wide_image()])
     batch = pack_samples([processor(conversation(), images=[wide_image()])])
     with pytest.raises(ValueError, match="xattn: NVLM-X needs the X-attn inputs"):
         model(batch.input_ids, batch.pixel_values, cu_seqlens=batch.cu_seqlens)
