@@ -104,9 +104,9 @@ def test_train_step(benchmark, device, impl, arch):
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"train_step {device} NVLM-{arch}"   # set before the run, or it is lost
     benchmark.pedantic(synchronized(step, device), rounds=3 if device == "cpu" else 5,
                        warmup_rounds=0)
-    benchmark.group = f"train_step {device} NVLM-{arch}"
     benchmark.extra_info.update(
         op="train_step", mode="fwd+bwd+adamw", impl=impl, device=device,
         dtype="bf16 autocast" if device == "cuda" else "float32",
