@@ -260,9 +260,16 @@ def checkpoint_config_json(config: NVLMConfig, torch_dtype: str) -> dict[str, An
     }
     if not llm.attention_bias:
         llm_json.update(attention_bias=False, mlp_bias=False)
+    # NVLM-X/H have no public checkpoints (and no other tool reads them): name them for what
+    # they are rather than as an InternVL-chat model they are not.
+    if config.arch != "D":
+        name = model_type = f"NVLM_{config.arch}"
+    else:
+        name, model_type = (("NVLM_D", "NVLM_D") if nvlm_d_style
+                            else ("InternVLChatModel", "internvl_chat"))
     return {
-        "architectures": ["NVLM_D" if nvlm_d_style else "InternVLChatModel"],
-        "model_type": "NVLM_D" if nvlm_d_style else "internvl_chat",
+        "architectures": [name],
+        "model_type": model_type,
         "torch_dtype": torch_dtype,
         "downsample_ratio": 1 / p.downsample_scale, "ps_version": "v2", "select_layer": -1,
         "template": "chatml", "force_image_size": v.image_size, "dynamic_image_size": True,

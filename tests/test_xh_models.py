@@ -5,6 +5,7 @@ checkpoints round-trip, and bad configs or inputs fail with clear errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -184,6 +185,7 @@ def test_forward_backward_reaches_every_trained_part(arch):
 def test_save_load_round_trip(arch, tmp_path):
     model, processor = build(arch, gates=0.3)
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [f"NVLM_{arch}"]
     loaded = NVLM.from_pretrained(tmp_path).eval()
     assert loaded.config.arch == arch
     assert loaded.config.xattn_layers == model.config.xattn_layers
