@@ -76,12 +76,14 @@ def format_table(rows: list[dict], ceilings: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", required=True)
+    parser.add_argument("--bench", required=True, nargs="+",
+                        help="pytest-benchmark JSON files (one per benchmark step), merged")
     parser.add_argument("--ceilings", required=True)
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--extra", action="append", default=[], help="key=value to record")
     args = parser.parse_args()
-    bench = json.loads(Path(args.bench).read_text())
+    bench = {"benchmarks": [b for path in args.bench
+                            for b in json.loads(Path(path).read_text())["benchmarks"]]}
     ceilings = json.loads(Path(args.ceilings).read_text())
     rows = build_rows(bench, ceilings)
     card = re.sub(r"[^A-Za-z0-9]+", "-", ceilings["device_name"]).strip("-").lower()
