@@ -74,7 +74,8 @@ def xattn_inputs(config: NVLMConfig, length: int, random_ids) -> XAttnInputs:
     sees = torch.arange(length).repeat(SAMPLES) >= IMAGE_START
     start = torch.where(sees, sample * per_sample, 0).int()
     end = torch.where(sees, (sample + 1) * per_sample, 0).int()
-    return XAttnInputs(decoder_tiles=decoder_tiles.reshape(-1), memory_tiles=memory_tiles.reshape(-1),
+    return XAttnInputs(decoder_tiles=decoder_tiles.reshape(-1),
+                       memory_tiles=memory_tiles.reshape(-1),
                        memory_ids=None if memory_ids is None else memory_ids.reshape(-1),
                        kv_start=start, kv_end=end)
 

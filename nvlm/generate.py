@@ -39,8 +39,9 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor | None = None, *,
-             xattn: XAttnInputs | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             stop_token_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+             xattn: XAttnInputs | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
+             generator: torch.Generator | None = None,
              stop_check_every: int = 8) -> list[list[int]]:
     """New tokens for each prompt, up to and excluding its first stop token.
 

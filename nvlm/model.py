@@ -179,7 +179,9 @@ class NVLM(nn.Module):
         NVLM-D): D sends every tile to the decoder; X and H route the tiles as xattn says."""
         table = self.language_model.model.embed_tokens.weight
         no_rows = table.new_zeros(0, table.shape[1])
-        tiles_NQD = None if pixel_values is None else self.encode_images(pixel_values).to(table.dtype)
+        tiles_NQD = None
+        if pixel_values is not None:
+            tiles_NQD = self.encode_images(pixel_values).to(table.dtype)
         if not self.has_xattn:
             if xattn is not None:
                 raise ValueError("xattn: only NVLM-X/H models take X-attn inputs; this one is "
@@ -213,7 +215,7 @@ class NVLM(nn.Module):
         generation, then read by the prefill and every decode step."""
         return {int(i): block.memory_kv(memory_MD) for i, block in self.xattn.items()}
 
-    def xattn_hooks(self, memory: torch.Tensor | dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+    def xattn_hooks(self, memory: torch.Tensor | dict[int, tuple[torch.Tensor, torch.Tensor]],
                     kv_start: torch.Tensor, kv_end: torch.Tensor
                     ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
         """The decoder's `before_layer` functions: each X-attn block over the memory (rows, or
@@ -249,7 +251,8 @@ class NVLM(nn.Module):
             if xattn is None:
                 kv_start = kv_end = torch.zeros_like(ids_T, dtype=torch.int32)
             else:
-                kv_start, kv_end = packed(xattn.kv_start, "xattn.kv_start"), packed(xattn.kv_end, "xattn.kv_end")
+                kv_start = packed(xattn.kv_start, "xattn.kv_start")
+                kv_end = packed(xattn.kv_end, "xattn.kv_end")
             hooks = self.xattn_hooks(memory_MD, kv_start, kv_end)
         with nvtx_range("decoder"):
             h_TD = self.language_model(h_TD, layout, before_layer=hooks)
