@@ -56,9 +56,9 @@ _DESTINATIONS = {
 def _destinations(arch: str, num_tiles: int, thumbnail_tag: str,
                   has_thumbnail: bool) -> list[str]:
     layout = image_layout(arch, num_tiles, 1, "<image token>", thumbnail_tag, has_thumbnail)
-    decoder, memory = set(layout.decoder_tiles), set(layout.memory_tiles)
+    decoder = set(layout.decoder_tiles)    # every other tile is in the memory
     return [_DESTINATIONS[(arch, "decoder" if t in decoder else "memory")]
-            if t in decoder | memory else "nowhere" for t in range(num_tiles)]
+            for t in range(num_tiles)]
 
 
 def _run_tiles(args: argparse.Namespace) -> int:

@@ -86,6 +86,7 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     batch_index, positions = sample_positions(cu_seqlens, ids_T.numel())
     layout = PackedLayout(cu_seqlens, positions, int(lengths.max()), batch_index)
+    last = (cu_seqlens[1:] - 1).long()        # each prompt's last token
     decoder_MD, memory_MD = model.image_rows(pixel_values, xattn)
     prefill_hooks = step_hooks = None
     if model.has_xattn:
@@ -97,12 +98,11 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
             if kv_start.shape != ids_T.shape:
                 raise ValueError(f"xattn.kv_start: expected one range per prompt token "
                                  f"({ids_T.numel()}), got shape {tuple(kv_start.shape)}")
-        last = (cu_seqlens[1:] - 1).long()
         prefill_hooks = model.xattn_hooks(memory, kv_start, kv_end)
         step_hooks = model.xattn_hooks(memory, kv_start[last], kv_end[last])
     h_TD = model.language_model(model.embed(ids_T, decoder_MD), layout, cache,
                                 before_layer=prefill_hooks)
-    logits_BV = model.language_model.logits(h_TD[(cu_seqlens[1:] - 1).long()])
+    logits_BV = model.language_model.logits(h_TD[last])
 
     stops = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)

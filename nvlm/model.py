@@ -217,11 +217,9 @@ class NVLM(nn.Module):
 
     def xattn_hooks(self, memory: torch.Tensor | dict[int, tuple[torch.Tensor, torch.Tensor]],
                     kv_start: torch.Tensor, kv_end: torch.Tensor
-                    ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
-        """The decoder's `before_layer` functions: each X-attn block over the memory (rows, or
-        the `memory_cache` of them) with the tokens' ranges; None for NVLM-D."""
-        if not self.has_xattn:
-            return None
+                    ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """The decoder's `before_layer` functions (NVLM-X/H): each X-attn block over the memory
+        (rows, or the `memory_cache` of them) with the tokens' ranges."""
         return {int(i): functools.partial(block, memory=memory if isinstance(memory, torch.Tensor)
                                           else memory[int(i)], kv_start=kv_start, kv_end=kv_end)
                 for i, block in self.xattn.items()}

@@ -611,11 +611,8 @@ class NVLMProcessor:
         # label boundaries are exact token boundaries.
         answer = role == "assistant"
         tokens.add(self.tokenizer.encode(chatml_header(role)), labelled=False)
-        segments = list(segments)
-        text, image, tile = segments[-1]
-        segments[-1] = (text + IM_END, image, tile) if image < 0 else segments[-1]
-        if image >= 0:
-            segments.append((IM_END, -1, -1))
+        text, image, tile = segments[-1]    # always text: an image span is followed by text
+        segments = [*segments[:-1], (text + IM_END, image, tile)]
         for text, image, tile in segments:
             tokens.add(self.tokenizer.encode(text), labelled=answer, image=image, tile=tile)
         tokens.add(self.tokenizer.encode("\n"), labelled=False)

@@ -224,6 +224,13 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 
 
+def interpreter_safe_dtypes(device: str | torch.device) -> list[torch.dtype]:
+    """The dtypes a dot kernel's test can check here: fp32 and fp16 everywhere, bf16 on a GPU
+    only (the Triton interpreter's tl.dot on bf16 is wrong, DESIGN.md)."""
+    cuda = torch.device(device).type == "cuda"
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])
+
+
 def backend_unavailable_reason(backend: str, op: str, device: str | torch.device,
                                dtype: torch.dtype) -> str | None:
     """None if `backend` can run `op` for tensors of this device and dtype, else why not."""

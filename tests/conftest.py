@@ -55,3 +55,15 @@ def require_backend(backend, device):
             pytest.skip(reason)
 
     return check
+
+
+@pytest.fixture
+def triton_backend(request, device) -> str:
+    """"triton" for a test module whose OP the Triton backend can run on `device` (under the
+    interpreter on a CPU-only machine); the test is skipped, with the reason, otherwise."""
+    from nvlm_kernels.testing import backend_unavailable_reason
+
+    reason = backend_unavailable_reason("triton", request.module.OP, device, torch.float32)
+    if reason:
+        pytest.skip(reason)
+    return "triton"

@@ -9,25 +9,12 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
-from nvlm_kernels.testing import assert_matches_reference, backend_unavailable_reason
+from nvlm_kernels.testing import assert_matches_reference, interpreter_safe_dtypes
 
 from test_ranges import build_layout
 
 OP = "cross_attention"
 pytestmark = pytest.mark.triton_interpret
-
-
-@pytest.fixture
-def backend(device):
-    reason = backend_unavailable_reason("triton", OP, device, torch.float32)
-    if reason:
-        pytest.skip(reason)
-    return "triton"
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    # the interpreter's tl.dot on bf16 is wrong (DESIGN.md): bf16 runs on a GPU only
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
 def random_ranges(total_q: int, total_kv: int, generator: torch.Generator):
@@ -66,20 +53,20 @@ def make_inputs(total_q, total_kv, hq, hk, d, dtype, device, gate="heads", seed=
 
 
 @pytest.mark.parametrize("hq,hk,d", [(2, 2, 64), (4, 2, 80), (14, 2, 64), (8, 1, 128)])
-def test_random_ranges_match_reference(backend, device, hq, hk, d):
-    for dtype in dtypes(device):
-        assert_matches_reference(OP, make_inputs(70, 53, hq, hk, d, dtype, device), backend)
+def test_random_ranges_match_reference(triton_backend, device, hq, hk, d):
+    for dtype in interpreter_safe_dtypes(device):
+        assert_matches_reference(OP, make_inputs(70, 53, hq, hk, d, dtype, device), triton_backend)
 
 
 @pytest.mark.parametrize("gate", [None, "scalar", "number", "zero"])
-def test_gate_forms(backend, device, gate):
+def test_gate_forms(triton_backend, device, gate):
     """The fresh gate tanh(0) = 0 zeroes the output but not the gate's own gradient."""
     inputs = make_inputs(45, 38, 4, 2, 32, torch.float32, device, gate=gate, seed=1)
-    comparison = assert_matches_reference(OP, inputs, backend)
+    comparison = assert_matches_reference(OP, inputs, triton_backend)
     if gate == "zero":
         measured = {m.name for m in comparison.measurements}
         assert "grad gate" in measured
-        with nk.use_backend(backend):
+        with nk.use_backend(triton_backend):
             gate_tensor = inputs["gate"].clone().requires_grad_(True)
             out = nk.cross_attention(**{**inputs, "gate": gate_tensor})
             (grad,) = torch.autograd.grad(out.square().sum() + out.sum(), gate_tensor)
@@ -88,7 +75,7 @@ def test_gate_forms(backend, device, gate):
 
 
 @pytest.mark.parametrize("arch", ["X", "H"])
-def test_nvlm_ranges_match_reference(backend, device, arch):
+def test_nvlm_ranges_match_reference(triton_backend, device, arch):
     """Ranges as the model builds them: two samples, three images, tag tokens per tile (X)."""
     samples = [[("text", 3), ("image", 3), ("text", 20), ("image", 2), ("text", 9)],
                [("text", 5), ("image", 4), ("text", 30)]]
@@ -97,19 +84,19 @@ def test_nvlm_ranges_match_reference(backend, device, arch):
     kv_start, kv_end = nk.cross_attention_ranges(sample, image, mem, **kwargs)
     total_q, total_kv = sample.numel(), int(mem[-1])
     g = torch.Generator().manual_seed(2)
-    for dtype in dtypes(device):
+    for dtype in interpreter_safe_dtypes(device):
         r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
         inputs = {"q": r(total_q, 8, 64), "k": r(total_kv, 2, 64), "v": r(total_kv, 2, 64),
                   "kv_start": kv_start.to(device), "kv_end": kv_end.to(device),
                   "gate": r(1)}
-        assert_matches_reference(OP, inputs, backend)
+        assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_empty_memory_and_empty_queries(backend, device):
+def test_empty_memory_and_empty_queries(triton_backend, device):
     q = torch.randn(6, 2, 16, device=device)
     no_memory = torch.zeros(0, 2, 16, device=device)
     zeros = torch.zeros(6, dtype=torch.int32, device=device)
-    with nk.use_backend(backend):
+    with nk.use_backend(triton_backend):
         out = nk.cross_attention(q, no_memory, no_memory, zeros, zeros)
         assert out.shape == q.shape and float(out.abs().max()) == 0.0
         k = torch.randn(5, 2, 16, device=device)
@@ -117,7 +104,7 @@ def test_empty_memory_and_empty_queries(backend, device):
         assert nk.cross_attention(q[:0], k, k, none, none).shape == (0, 2, 16)
 
 
-def test_non_contiguous_inputs(backend, device):
+def test_non_contiguous_inputs(triton_backend, device):
     q = torch.randn(17, 64, 4, device=device).transpose(1, 2)          # (17, 4, 64), strided
     kv = torch.randn(23, 2, 2, 64, device=device)
     g = torch.Generator().manual_seed(3)
@@ -125,10 +112,10 @@ def test_non_contiguous_inputs(backend, device):
     inputs = {"q": q, "k": kv[:, 0], "v": kv[:, 1], "kv_start": start.to(device),
               "kv_end": end.to(device), "gate": torch.randn(4, device=device)}
     assert not q.is_contiguous() and not inputs["k"].is_contiguous()
-    assert_matches_reference(OP, inputs, backend)
+    assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_bad_ranges_never_address_outside_the_memory(backend, device):
+def test_bad_ranges_never_address_outside_the_memory(triton_backend, device):
     """Without validation (a GPU without NVLM_KERNELS_DEBUG) ranges are clamped into the memory,
     and start > end reads as empty."""
     q, k, v = torch.randn(4, 2, 16, device=device), *(torch.randn(9, 2, 16, device=device)
@@ -143,16 +130,16 @@ def test_bad_ranges_never_address_outside_the_memory(backend, device):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_double_backward_is_refused(backend, device):
+def test_double_backward_is_refused(triton_backend, device):
     inputs = make_inputs(5, 4, 2, 2, 16, torch.float32, device)
     inputs["q"].requires_grad_(True)
-    with nk.use_backend(backend):
+    with nk.use_backend(triton_backend):
         out = nk.cross_attention(**inputs)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
 
 
-def test_torch_compile_without_graph_breaks(backend, device):
+def test_torch_compile_without_graph_breaks(triton_backend, device):
     inputs = make_inputs(19, 12, 4, 2, 32, torch.float32, device)
     for name in ("q", "k", "v", "gate"):
         inputs[name].requires_grad_(True)
@@ -162,7 +149,7 @@ def test_torch_compile_without_graph_breaks(backend, device):
         return nk.cross_attention(q * 1.5, k, v, kv_start, kv_end, gate=gate).relu()
 
     torch._dynamo.reset()
-    with nk.use_backend(backend):
+    with nk.use_backend(triton_backend):
         out = torch.compile(gated_block, fullgraph=True, backend="aot_eager")(**inputs)
         grads = torch.autograd.grad(out.sum(), leaves)
     with nk.use_backend("torch"):

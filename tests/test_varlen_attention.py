@@ -8,23 +8,10 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
-from nvlm_kernels.testing import assert_matches_reference, backend_unavailable_reason
+from nvlm_kernels.testing import assert_matches_reference, interpreter_safe_dtypes
 
 OP = "varlen_attention"
 pytestmark = pytest.mark.triton_interpret
-
-
-@pytest.fixture
-def backend(device):
-    reason = backend_unavailable_reason("triton", OP, device, torch.float32)
-    if reason:
-        pytest.skip(reason)
-    return "triton"
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    # the interpreter's tl.dot on bf16 is wrong (DESIGN.md): bf16 runs on a GPU only
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
 def cu_seqlens(lengths, device):
@@ -42,31 +29,33 @@ def pack(lengths_q, lengths_k, hq, hk, d, dtype, device, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("hq,hk,d", [(2, 2, 64), (4, 2, 80), (14, 2, 64), (8, 1, 128)])
-def test_matches_reference(backend, device, causal, hq, hk, d):
+def test_matches_reference(triton_backend, device, causal, hq, hk, d):
     lengths = [1, 7, 0, 40, 65]
-    for dtype in dtypes(device):
-        assert_matches_reference(OP, pack(lengths, lengths, hq, hk, d, dtype, device, causal), backend)
+    for dtype in interpreter_safe_dtypes(device):
+        inputs = pack(lengths, lengths, hq, hk, d, dtype, device, causal)
+        assert_matches_reference(OP, inputs, triton_backend)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_query_and_key_lengths_differ(backend, device, causal):
+def test_query_and_key_lengths_differ(triton_backend, device, causal):
     """Bottom-right causal alignment with lq < lk, lq > lk (rows that see no key) and lk = 0."""
     inputs = pack([3, 0, 20, 33, 5], [8, 5, 4, 40, 0], 4, 2, 64, torch.float32, device, causal)
     inputs["softmax_scale"] = 0.3
-    assert_matches_reference(OP, inputs, backend)
+    assert_matches_reference(OP, inputs, triton_backend)
 
 
 @pytest.mark.slow
-def test_long_pack(backend, device):
+def test_long_pack(triton_backend, device):
     """The issue's pack {1, 7, 64, 129, 1000} with an empty sequence, causal."""
     lengths = [1, 7, 0, 64, 129, 1000]
-    assert_matches_reference(OP, pack(lengths, lengths, 2, 1, 64, torch.float32, device, True), backend)
+    inputs = pack(lengths, lengths, 2, 1, 64, torch.float32, device, True)
+    assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_packed_equals_each_sequence_alone(backend, device):
+def test_packed_equals_each_sequence_alone(triton_backend, device):
     lengths = [5, 0, 33, 17]
     inputs = pack(lengths, lengths, 4, 2, 64, torch.float32, device, True)
-    with nk.use_backend(backend):
+    with nk.use_backend(triton_backend):
         packed = nk.varlen_attention(**inputs)
         start = 0
         for length in lengths:
@@ -79,17 +68,17 @@ def test_packed_equals_each_sequence_alone(backend, device):
             start += length
 
 
-def test_non_contiguous_inputs(backend, device):
+def test_non_contiguous_inputs(triton_backend, device):
     lengths = [6, 11]
     q = torch.randn(17, 64, 4, device=device).transpose(1, 2)          # (17, 4, 64), strided
     kv = torch.randn(17, 2, 2, 64, device=device)
     inputs = {"q": q, "k": kv[:, 0], "v": kv[:, 1], "cu_seqlens_q": cu_seqlens(lengths, device),
               "cu_seqlens_k": cu_seqlens(lengths, device), "max_seqlen_q": 11, "max_seqlen_k": 11}
     assert not q.is_contiguous() and not inputs["k"].is_contiguous()
-    assert_matches_reference(OP, inputs, backend)
+    assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_bad_cu_seqlens_never_address_outside_the_tensors(backend, device):
+def test_bad_cu_seqlens_never_address_outside_the_tensors(triton_backend, device):
     """Without validation (a GPU without NVLM_KERNELS_DEBUG) offsets past the totals are clamped."""
     q, k, v = (torch.randn(10, 2, 16, device=device) for _ in range(3))
     bad = torch.tensor([0, 4, 1000], dtype=torch.int32, device=device)
@@ -99,16 +88,16 @@ def test_bad_cu_seqlens_never_address_outside_the_tensors(backend, device):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_double_backward_is_refused(backend, device):
+def test_double_backward_is_refused(triton_backend, device):
     inputs = pack([5], [5], 2, 2, 16, torch.float32, device, False)
     inputs["q"].requires_grad_(True)
-    with nk.use_backend(backend):
+    with nk.use_backend(triton_backend):
         out = nk.varlen_attention(**inputs)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
 
 
-def test_torch_compile_without_graph_breaks(backend, device):
+def test_torch_compile_without_graph_breaks(triton_backend, device):
     inputs = pack([3, 9], [3, 9], 2, 1, 32, torch.float32, device, True)
     for name in ("q", "k", "v"):
         inputs[name].requires_grad_(True)
@@ -119,7 +108,7 @@ def test_torch_compile_without_graph_breaks(backend, device):
         return out.relu()
 
     torch._dynamo.reset()
-    with nk.use_backend(backend):
+    with nk.use_backend(triton_backend):
         out = torch.compile(attention_block, fullgraph=True, backend="aot_eager")(**inputs)
         grads = torch.autograd.grad(out.sum(), (inputs["q"], inputs["k"], inputs["v"]))
     with nk.use_backend("torch"):
