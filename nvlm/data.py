@@ -49,6 +49,7 @@ class Record:
     conversations: list[dict[str, Any]]
     images: list[Path]
     where: str          # "file:line", for messages
+    extra: dict[str, Any] = field(default_factory=dict)   # the fields asked for by extra_fields
 
 
 @dataclass
@@ -102,8 +103,10 @@ class SkipCounter:
 class JsonlSource:
     """Streams Records from one JSONL file, forever (epochs), keeping only a byte offset."""
 
-    def __init__(self, path: Path, image_root: Path | None, skips: SkipCounter) -> None:
+    def __init__(self, path: Path, image_root: Path | None, skips: SkipCounter,
+                 extra_fields: Sequence[str] = ()) -> None:
         self.path = Path(path)
+        self.extra_fields = tuple(extra_fields)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.skips = skips
         self.offset, self.epoch, self.line = 0, 0, 0
@@ -170,7 +173,8 @@ class JsonlSource:
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise ValueError(f"{where}: 'image' must be a path or a list of paths")
-        return Record(conversations, [self.image_root / p for p in images], where)
+        extra = {name: item[name] for name in self.extra_fields if name in item}
+        return Record(conversations, [self.image_root / p for p in images], where, extra)
 
 
 class SampleStream:

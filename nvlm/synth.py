@@ -2,11 +2,22 @@
 
     python -m nvlm.data synth --out data/synth --n 20000
 
-Each image is a canvas (several tiles wide) with a few digits in small type at a random place;
-the question asks for the code, the answer is the code. At the thumbnail's resolution (the whole
-canvas squashed to one tile) the glyphs are a few pixels tall, so a model has to read the
+Each image is a canvas several tiles wide with a few digits in small type at a random place; the
+question asks for the code, the answer is the code. At the thumbnail's resolution (the whole
+canvas squashed to one tile) the glyphs are a few pixels wide, so a model has to read the
 high-resolution tiles: the task shows what NVLM's dynamic tiling buys, with no download. The
 answer space (10^digits codes) makes guessing without the image hopeless.
+
+Layout. The code is written with one glyph per image token: the glyph pitch is the side of the
+image area one token covers after the pixel shuffle (`cell`, 28 px for the tiny preset's 112-px
+tiles), the code sits on one token row of one random tile at a random column, and each glyph is
+centred in its cell with a little jitter. A from-scratch ViT with 14-px patches learns to read
+glyphs that sit at a stable phase of its patch grid within a minute on a CPU; at free sub-patch
+offsets it needs far more data than the demo's budget (measured: 30% token accuracy after 300
+steps with +-3 px jitter, 12% at free placement, against 89% aligned). Every line also records
+the glyph boxes (`glyphs`: [char, left, top, right, bottom] in image pixels, in reading order),
+the labels of the demo's vision warm-up (nvlm.warmup) -- our stand-in for the OCR pretraining
+of NVLM's InternViT.
 
 Also written: a text-only set (copy a code given in the question) that stands in for the SFT
 blend's text data, and a held-out eval split drawn with a different seed. Everything is a pure
@@ -31,32 +42,57 @@ QUESTION = "What is the code in the image?"
 @dataclass
 class TaskSpec:
     canvas: tuple[int, int] = (336, 224)     # W x H: a 3 x 2 grid of 112-px tiles (+ thumbnail)
-    font_sizes: tuple[int, int] = (14, 18)   # glyph size range in pixels (inclusive)
-    digits: int = 4
-    margin: int = 4                          # keep the code this far from the border
+    tile: int = 112                          # tile side of the model that reads it
+    cell: int = 28                           # image side of one token: glyph pitch and grid
+    font_sizes: tuple[int, int] = (16, 16)   # glyph size range in pixels (inclusive)
+    digits: int = 3
+    jitter: int = 0                          # +- pixels a glyph may move off its cell's centre
 
     def validate(self) -> "TaskSpec":
+        width, height = self.canvas
         if self.digits < 3:
             raise ValueError(f"digits: expected >= 3 (so that guessing stays hopeless), got {self.digits}")
         if self.font_sizes[0] > self.font_sizes[1] or self.font_sizes[0] < 6:
             raise ValueError(f"font_sizes: expected 6 <= lo <= hi, got {self.font_sizes}")
+        if self.cell < 1 or self.tile % self.cell:
+            raise ValueError(f"cell: expected a divisor of tile = {self.tile}, got {self.cell}")
+        if self.digits > self.tile // self.cell:
+            raise ValueError(f"digits: at most {self.tile // self.cell} fit on one row of a "
+                             f"{self.tile}-px tile with {self.cell}-px cells, got {self.digits}")
+        if width % self.tile or height % self.tile:
+            raise ValueError(f"canvas: expected multiples of tile = {self.tile}, got {self.canvas}")
+        if not 0 <= self.jitter <= self.cell // 4:
+            raise ValueError(f"jitter: expected 0..{self.cell // 4}, got {self.jitter}")
         return self
 
 
-def render(rng: random.Random, spec: TaskSpec) -> tuple[Image.Image, str]:
-    """One image and its code."""
+Glyph = tuple[str, int, int, int, int]       # char, left, top, right, bottom (image pixels)
+
+
+def render(rng: random.Random, spec: TaskSpec) -> tuple[Image.Image, str, list[Glyph]]:
+    """One image, its code and the box of each glyph (reading order)."""
     code = "".join(rng.choice("0123456789") for _ in range(spec.digits))
     width, height = spec.canvas
     background = rng.randint(200, 255)
     image = Image.new("RGB", (width, height), (background,) * 3)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=rng.randint(*spec.font_sizes))
-    x0, y0, x1, y1 = draw.textbbox((0, 0), code, font=font)
-    x = rng.randint(spec.margin - x0, width - spec.margin - x1)
-    y = rng.randint(spec.margin - y0, height - spec.margin - y1)
+    cells_per_tile = spec.tile // spec.cell
+    tile = rng.randrange((width // spec.tile) * (height // spec.tile))
+    tile_x = (tile % (width // spec.tile)) * spec.tile
+    tile_y = (tile // (width // spec.tile)) * spec.tile
+    row = rng.randrange(cells_per_tile)
+    first = rng.randrange(cells_per_tile - spec.digits + 1)
     ink = rng.randint(0, 80)
-    draw.text((x, y), code, font=font, fill=(ink,) * 3)
-    return image, code
+    glyphs: list[Glyph] = []
+    for k, char in enumerate(code):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), char, font=font)
+        centre_x = tile_x + (first + k) * spec.cell + spec.cell // 2 + rng.randint(-spec.jitter, spec.jitter)
+        centre_y = tile_y + row * spec.cell + spec.cell // 2 + rng.randint(-spec.jitter, spec.jitter)
+        x, y = centre_x - (x0 + x1) // 2, centre_y - (y0 + y1) // 2
+        draw.text((x, y), char, font=font, fill=(ink,) * 3)
+        glyphs.append((char, x + x0, y + y0, x + x1, y + y1))
+    return image, code, glyphs
 
 
 def _conversation(question: str, answer: str) -> list[dict[str, str]]:
@@ -71,11 +107,12 @@ def write_split(folder: Path, name: str, n: int, seed: int, spec: TaskSpec) -> P
     path = folder / f"{name}.jsonl"
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         for i in range(n):
-            image, code = render(rng, spec)
+            image, code, glyphs = render(rng, spec)
             relative = f"images/{name}/{i:06d}.png"
             image.save(folder / relative, compress_level=1)
             f.write(json.dumps({"image": relative,
-                                "conversations": _conversation(f"<image>\n{QUESTION}", code)}) + "\n")
+                                "conversations": _conversation(f"<image>\n{QUESTION}", code),
+                                "glyphs": [list(g) for g in glyphs]}) + "\n")
     return path
 
 

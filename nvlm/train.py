@@ -52,6 +52,7 @@ from nvlm.distributed import (World, full_model_state, full_optimizer_state, ini
 from nvlm.model import IGNORE_INDEX, NVLM, next_token_targets  # noqa: E402
 from nvlm.processing import NVLMProcessor, pack_samples  # noqa: E402
 from nvlm.tokenizer import load_tokenizer  # noqa: E402
+from nvlm.warmup import GlyphStream, TokenOCRHeads, ocr_loss  # noqa: E402
 
 log = logging.getLogger("nvlm.train")
 
@@ -117,13 +118,14 @@ class TrainConfig:
 
 
 # The default demo (python nvlm/train.py with no arguments): NVLM's staged training in miniature,
-# sized for about 10 minutes on 2 CPU cores (about 7k tokens/s in pretrain, 5.5k in SFT). The
-# tiny model starts from random weights, not from a pretrained ViT and LLM as NVLM does, so its
-# SFT stage trains every part, the ViT included (the paper keeps it frozen).
+# sized for about 10 minutes on 2 CPU cores. The tiny model starts from random weights, not from
+# a pretrained ViT and LLM as NVLM does, so a vision warm-up (nvlm.warmup: per-token OCR labels)
+# comes first and gives the ViT the reading skill InternViT brings; then the paper's stages with
+# their freeze sets (ViT frozen): pretrain (the projector, or NVLM-X/H's X-attn), then SFT.
 def demo_stages(arch: str) -> list[StageConfig]:
-    everything = ("vision", "projector", "llm") + (("xattn",) if arch != "D" else ())
-    return [StageConfig(name="pretrain", stage="pretrain", steps=100),
-            StageConfig(name="sft", stage="sft", steps=180, trained=everything)]
+    return [StageConfig(name="vision", stage="vision", steps=450),
+            StageConfig(name="pretrain", stage="pretrain", steps=50),
+            StageConfig(name="sft", stage="sft", steps=2300, min_lr=5e-4)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -262,9 +264,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "state.pt").is_file() else None
 
 
-def save_checkpoint(out: Path, world: World, model, optimizer, packer: RowPacker,
-                    position: dict[str, int], config: TrainConfig, model_config: NVLMConfig) -> None:
-    """Everything a resumed run needs, written atomically (temp folder, then rename)."""
+def save_checkpoint(out: Path, world: World, model, optimizer, data, position: dict[str, int],
+                    config: TrainConfig, model_config: NVLMConfig,
+                    heads: dict[str, Any] | None = None) -> None:
+    """Everything a resumed run needs, written atomically (temp folder, then rename). `data` is
+    the stage's data position (RowPacker or GlyphStream); `heads` the vision warm-up's heads and
+    their optimizer."""
     model_state = full_model_state(model)
     optimizer_state = full_optimizer_state(model, optimizer)
     if not world.is_main:
@@ -274,7 +279,8 @@ def save_checkpoint(out: Path, world: World, model, optimizer, packer: RowPacker
         "position": position,
         "model": model_state,
         "optimizer": optimizer_state,
-        "data": packer.state_dict(),
+        "data": data.state_dict(),
+        "heads": heads,
         "rng": {"torch": torch.get_rng_state()},
         "train_config": config.to_dict(),
         "model_config": model_config.to_dict(),
@@ -457,78 +463,82 @@ def train(config: TrainConfig) -> dict[str, Any]:
         global_step += recipe.steps
         if resumed and stage_index < resumed["position"]["stage"]:
             continue
+        vision = stage.stage == "vision"
+        if vision and world.distributed:
+            raise ValueError(f"stage {stage.name!r}: the vision warm-up runs in one process "
+                             "(its heads live outside the FSDP-sharded model); run it alone "
+                             "first, then --init the sharded run from its model/")
         rows_per_rank, rem = divmod(recipe.global_batch, world.size)
-        if rem or rows_per_rank % config.micro_batch:
+        if not vision and (rem or rows_per_rank % config.micro_batch):
             raise ValueError(f"global_batch {recipe.global_batch}: must split into {world.size} "
                              f"rank(s) x micro_batch {config.micro_batch} x accumulation")
         recipes.apply_freeze(model, recipe.trained)
         optimizer = build_optimizer(model, recipe)
         specs = parse_data_spec(stage.data or config.data)
-        stream = SampleStream(specs, processor, seed=config.seed + 1000 * stage_index,
-                              max_len=recipe.seq_len, max_tiles=recipe.max_tiles,
-                              image_root=Path(config.image_root) if config.image_root else None)
-        packer = RowPacker(stream, recipe.seq_len)
+        image_root = Path(config.image_root) if config.image_root else None
+        seed = config.seed + 1000 * stage_index
+        if vision:
+            stream = GlyphStream(specs, model_config, recipe.max_tiles, seed, image_root)
+            heads = TokenOCRHeads(model_config.vision.hidden_size
+                                  * model_config.projector.downsample_scale ** 2).to(world.device)
+            head_optimizer = build_optimizer(heads, recipe)
+            data = stream
+        else:
+            stream = SampleStream(specs, processor, seed=seed, max_len=recipe.seq_len,
+                                  max_tiles=recipe.max_tiles, image_root=image_root)
+            heads = head_optimizer = None
+            data = RowPacker(stream, recipe.seq_len)
         step = 0
         if resumed and stage_index == resumed["position"]["stage"]:
             step = resumed["position"]["stage_step"]
             load_full_state(model, optimizer, resumed["model"], resumed["optimizer"])
-            packer.load_state_dict(resumed["data"])
+            data.load_state_dict(resumed["data"])
+            if heads is not None:
+                heads.load_state_dict(resumed["heads"]["model"])
+                head_optimizer.load_state_dict(resumed["heads"]["optimizer"])
             torch.set_rng_state(resumed["rng"]["torch"])
         trainable = [p for p in model.parameters() if p.requires_grad]
-        log.info("stage %d/%d %s: training %s (%s parameters), %d steps of %d rows x %d tokens",
+        clipped = trainable + (list(heads.parameters()) if heads is not None else [])
+        log.info("stage %d/%d %s: training %s (%s parameters), %d steps of %d %s",
                  stage_index + 1, len(config.stages), stage.name, ",".join(recipe.trained),
                  f"{sum(p.numel() for p in trainable):,}", recipe.steps, recipe.global_batch,
-                 recipe.seq_len)
+                 "tiles" if vision else f"rows x {recipe.seq_len} tokens")
 
         while step < recipe.steps:
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, recipe)
-            rows = [packer.next_row() for _ in range(recipe.global_batch)]
-            mine = rows[world.rank::world.size]
-            batches = [pack_samples([s for row in mine[i:i + config.micro_batch] for s in row])
-                       for i in range(0, len(mine), config.micro_batch)]
-            counts = [int((next_token_targets(b.labels, b.cu_seqlens) != IGNORE_INDEX).sum())
-                      for b in batches]
-            local_tokens = sum(len(b) for b in batches)
-            total_count, tokens = world.sum([sum(counts), local_tokens])
-            loss_sum = 0.0
-            for batch in batches:
-                batch = batch.to(world.device)
-                with autocast:
-                    output = model(batch.input_ids, batch.pixel_values, batch.labels,
-                                   cu_seqlens=batch.cu_seqlens, position_ids=batch.position_ids,
-                                   max_seqlen=batch.max_seqlen, xattn=batch.xattn,
-                                   return_logits=False)
-                # The step's loss is the mean over all its targets on all ranks; FSDP averages
-                # gradients over ranks, hence the world size.
-                weight = output.num_label_tokens * world.size / max(total_count, 1)
-                (output.loss * weight).backward()
-                loss_sum += float(output.loss.detach()) * output.num_label_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in (optimizer, head_optimizer):
+                for group in (opt.param_groups if opt is not None else ()):
+                    group["lr"] = lr_at(step, recipe)
+            if vision:
+                loss, tokens, extra = _vision_step(model, heads, stream, recipe, world)
+            else:
+                loss, tokens, extra = _lm_step(model, data, recipe, config, world, autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, recipe.grad_clip)
+            for opt in (optimizer, head_optimizer):
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             step += 1
-            (loss_total,) = world.sum([loss_sum])
-            loss = loss_total / max(total_count, 1)
             seconds = time.perf_counter() - t0
             train_tokens += int(tokens)
             train_seconds += seconds
-            padding.append(packer.padding_fraction)
+            if not vision:
+                padding.append(data.padding_fraction)
             g = stage_start_global + step
             if metrics is not None:
                 metrics.append({"step": g, "stage": stage.name, "loss": loss,
                                 "lr": optimizer.param_groups[0]["lr"],
                                 "grad_norm": float(_full_value(grad_norm)), "tokens": int(tokens),
                                 "tokens_per_s": tokens / seconds,
-                                "padding": packer.padding_fraction,
-                                "skipped": stream.skips.total()})
+                                "skipped": stream.skips.total(), **extra})
             progress.update(g, stage.name, loss, tokens / seconds)
             last_step = step == recipe.steps
             if last_step or step % config.save_every == 0 or g == config.stop_at_step:
                 position = {"stage": stage_index, "stage_step": step, "global_step": g}
-                save_checkpoint(out, world, model, optimizer, packer, position, config,
-                                model_config)
+                heads_state = ({"model": heads.state_dict(),
+                                "optimizer": head_optimizer.state_dict()} if heads else None)
+                save_checkpoint(out, world, model, optimizer, data, position, config,
+                                model_config, heads_state)
             if g == config.stop_at_step:
                 progress.close()
                 log.info("stopped at step %d (--stop-at-step); resume with --resume", g)
@@ -560,12 +570,51 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def _lm_step(model, packer: RowPacker, recipe: recipes.StageRecipe, config: TrainConfig,
+             world: World, autocast) -> tuple[float, int, dict[str, float]]:
+    """Forward and backward of one optimizer step's packed rows (pretrain, SFT): the step's
+    mean loss over all its targets on all ranks, its tokens, and the row padding so far."""
+    rows = [packer.next_row() for _ in range(recipe.global_batch)]
+    mine = rows[world.rank::world.size]
+    batches = [pack_samples([s for row in mine[i:i + config.micro_batch] for s in row])
+               for i in range(0, len(mine), config.micro_batch)]
+    counts = [int((next_token_targets(b.labels, b.cu_seqlens) != IGNORE_INDEX).sum())
+              for b in batches]
+    total_count, tokens = world.sum([sum(counts), sum(len(b) for b in batches)])
+    loss_sum = 0.0
+    for batch in batches:
+        batch = batch.to(world.device)
+        with autocast:
+            output = model(batch.input_ids, batch.pixel_values, batch.labels,
+                           cu_seqlens=batch.cu_seqlens, position_ids=batch.position_ids,
+                           max_seqlen=batch.max_seqlen, xattn=batch.xattn, return_logits=False)
+        # The step's loss is the mean over all its targets on all ranks; FSDP averages
+        # gradients over ranks, hence the world size.
+        weight = output.num_label_tokens * world.size / max(total_count, 1)
+        (output.loss * weight).backward()
+        loss_sum += float(output.loss.detach()) * output.num_label_tokens
+    (loss_total,) = world.sum([loss_sum])
+    return loss_total / max(total_count, 1), int(tokens), {"padding": packer.padding_fraction}
+
+
+def _vision_step(model: NVLM, heads: TokenOCRHeads, stream: GlyphStream,
+                 recipe: recipes.StageRecipe, world: World) -> tuple[float, int, dict[str, float]]:
+    """Forward and backward of one vision warm-up step (global_batch tiles, one process)."""
+    batch = stream.next_batch(recipe.global_batch).to(world.device)
+    loss, stats = ocr_loss(model.vision_model, heads, batch,
+                           model.config.projector.downsample_scale)
+    loss.backward()
+    return float(loss.detach()), batch.pixel_values.shape[0] * model.config.tokens_per_tile, stats
+
+
 def summarize(config: TrainConfig, out: Path, rows: list[dict[str, Any]], model: NVLM,
               processor: NVLMProcessor, recipe: recipes.StageRecipe,
               device: torch.device) -> dict[str, Any]:
     from nvlm.evaluate import exact_match
 
-    losses = [r["loss"] for r in rows]
+    # The language-model loss: the vision warm-up's rows (OCR loss) are reported apart.
+    losses = [r["loss"] for r in rows if "glyph_accuracy" not in r]
+    warmup = [r["glyph_accuracy"] for r in rows if "glyph_accuracy" in r]
     summary: dict[str, Any] = {
         "steps": len(rows),
         "train_loss_first": losses[0] if losses else None,
@@ -573,6 +622,9 @@ def summarize(config: TrainConfig, out: Path, rows: list[dict[str, Any]], model:
         "train_loss_final": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "eval_n": 0, "eval_exact_match": None, "eval_exact_match_blank": None,
     }
+    if warmup:
+        # Share of glyph tokens whose ordinal and character both came out right, last 10 steps.
+        summary["vision_glyph_accuracy"] = sum(warmup[-10:]) / len(warmup[-10:])
     if config.eval_data:
         items = load_eval_set(Path(config.eval_data), config.eval_n,
                               Path(config.image_root) if config.image_root else None)
