@@ -5,7 +5,9 @@ A JSONL line is one sample:
      "conversations": [{"from": "human", "value": "<image>\\nWhat is the code?"},
                        {"from": "gpt", "value": "4821"}]}
 Image paths are relative to the JSONL file's folder, or to `image_root` when given. Lines without
-"image" are text-only samples.
+"image" are text-only samples. An optional "glyphs" list ([char, left, top, right, bottom] per
+character, in image pixels and reading order) feeds the vision warm-up stage (nvlm.warmup); the
+other stages ignore it.
 
 The pipeline is deterministic and resumable: `SampleStream` draws each sample's source from a
 seeded RNG (weights from `--data a.jsonl:0.8,b.jsonl:0.2`), reads the next line of that source
