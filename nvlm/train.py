@@ -14,7 +14,8 @@ Resume a killed run where its last checkpoint left it (same losses as an uninter
 
 A run is a list of stages (NVLM.md section 9: pretrain trains the projector, SFT the projector and
 the LLM; the ViT stays frozen). `--stage` picks one recipe from nvlm.recipes; the default demo chains
-several (see demo_stages). Stage flags (--steps, --lr, ...) override every stage of the run.
+several (see demo_stages), starting with our `vision` warm-up for a from-scratch ViT (nvlm.warmup,
+one process only). Stage flags (--steps, --lr, ...) override every stage of the run.
 
 The run folder (--out) gets: config.json (the resolved run), metrics.jsonl (one line per step),
 checkpoints/ (atomic, the latest two kept), model/ (save_pretrained of the final model),
@@ -125,7 +126,7 @@ class TrainConfig:
 def demo_stages(arch: str) -> list[StageConfig]:
     return [StageConfig(name="vision", stage="vision", steps=450),
             StageConfig(name="pretrain", stage="pretrain", steps=50),
-            StageConfig(name="sft", stage="sft", steps=2300, min_lr=5e-4)]
+            StageConfig(name="sft", stage="sft", steps=2400, min_lr=5e-4)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
