@@ -614,8 +614,9 @@ def summarize(config: TrainConfig, out: Path, rows: list[dict[str, Any]], model:
     from nvlm.evaluate import exact_match
 
     # The language-model loss: the vision warm-up's rows (OCR loss) are reported apart.
-    losses = [r["loss"] for r in rows if "glyph_accuracy" not in r]
-    warmup = [r["glyph_accuracy"] for r in rows if "glyph_accuracy" in r]
+    losses = [r["loss"] for r in rows if "glyph_tokens" not in r]
+    warmup = [r["glyph_accuracy"] for r in rows
+              if "glyph_tokens" in r and r["glyph_accuracy"] is not None]
     summary: dict[str, Any] = {
         "steps": len(rows),
         "train_loss_first": losses[0] if losses else None,

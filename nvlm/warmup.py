@@ -179,7 +179,8 @@ class GlyphStream:
 
 def ocr_loss(vision_model: nn.Module, heads: TokenOCRHeads, batch: GlyphBatch,
              scale: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the two heads' mean cross-entropies, and the accuracy on labelled glyph tokens."""
+    """Sum of the two heads' mean cross-entropies, and the share of glyph tokens whose ordinal and
+    character both come out right (None in a batch without glyphs)."""
     features = nvlm_kernels.pixel_shuffle(vision_model(batch.pixel_values), scale)
     ordinal_logits, char_logits = heads(features)
     loss = (F.cross_entropy(ordinal_logits.flatten(0, 1), batch.ordinal.flatten(), ignore_index=IGNORE)
@@ -187,5 +188,5 @@ def ocr_loss(vision_model: nn.Module, heads: TokenOCRHeads, batch: GlyphBatch,
     with torch.no_grad():
         glyph = batch.char > NO_LABEL
         both = ((ordinal_logits.argmax(-1) == batch.ordinal) & (char_logits.argmax(-1) == batch.char))
-        accuracy = float(both[glyph].float().mean()) if glyph.any() else float("nan")
+        accuracy = float(both[glyph].float().mean()) if glyph.any() else None
     return loss, {"glyph_accuracy": accuracy, "glyph_tokens": int(glyph.sum())}
