@@ -196,7 +196,7 @@ class SampleStream:
                 "records_read": self.records_read, "samples_out": self.samples_out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(_as_tuple(state["rng"]))
+        self.rng.setstate(as_tuple(state["rng"]))
         for source, source_state in zip(self.sources, state["sources"], strict=True):
             source.load_state_dict(source_state)
         self.records_read, self.samples_out = state["records_read"], state["samples_out"]
@@ -283,9 +283,9 @@ class RowPacker:
         return self.padding / total if total else 0.0
 
 
-def _as_tuple(value: Any) -> Any:
+def as_tuple(value: Any) -> Any:
     """random.Random states come back from a checkpoint as lists; setstate wants tuples."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return tuple(as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass

@@ -51,7 +51,8 @@ class TaskSpec:
     def validate(self) -> "TaskSpec":
         width, height = self.canvas
         if self.digits < 3:
-            raise ValueError(f"digits: expected >= 3 (so that guessing stays hopeless), got {self.digits}")
+            raise ValueError("digits: expected >= 3 (so that guessing stays hopeless), "
+                             f"got {self.digits}")
         if self.font_sizes[0] > self.font_sizes[1] or self.font_sizes[0] < 6:
             raise ValueError(f"font_sizes: expected 6 <= lo <= hi, got {self.font_sizes}")
         if self.cell < 1 or self.tile % self.cell:
@@ -87,8 +88,10 @@ def render(rng: random.Random, spec: TaskSpec) -> tuple[Image.Image, str, list[G
     glyphs: list[Glyph] = []
     for k, char in enumerate(code):
         x0, y0, x1, y1 = draw.textbbox((0, 0), char, font=font)
-        centre_x = tile_x + (first + k) * spec.cell + spec.cell // 2 + rng.randint(-spec.jitter, spec.jitter)
-        centre_y = tile_y + row * spec.cell + spec.cell // 2 + rng.randint(-spec.jitter, spec.jitter)
+        centre_x = tile_x + (first + k) * spec.cell + spec.cell // 2
+        centre_y = tile_y + row * spec.cell + spec.cell // 2
+        centre_x += rng.randint(-spec.jitter, spec.jitter)
+        centre_y += rng.randint(-spec.jitter, spec.jitter)
         x, y = centre_x - (x0 + x1) // 2, centre_y - (y0 + y1) // 2
         draw.text((x, y), char, font=font, fill=(ink,) * 3)
         glyphs.append((char, x + x0, y + y0, x + x1, y + y1))

@@ -537,7 +537,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if last_step or step % config.save_every == 0 or g == config.stop_at_step:
                 position = {"stage": stage_index, "stage_step": step, "global_step": g}
                 heads_state = ({"model": heads.state_dict(),
-                                "optimizer": head_optimizer.state_dict()} if heads else None)
+                                "optimizer": head_optimizer.state_dict()}
+                               if heads is not None else None)
                 save_checkpoint(out, world, model, optimizer, data, position, config,
                                 model_config, heads_state)
             if g == config.stop_at_step:

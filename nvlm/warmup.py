@@ -34,7 +34,7 @@ from torch import nn
 import nvlm_kernels
 
 from .config import NVLMConfig
-from .data import DataSpec, JsonlSource, SkipCounter, _as_tuple
+from .data import DataSpec, JsonlSource, SkipCounter, as_tuple
 from .processing import dynamic_tiles, image_to_tensor, load_image, tile_boxes
 
 MAX_ORDINAL = 15
@@ -95,7 +95,8 @@ class TokenOCRHeads(nn.Module):
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
-        self.ordinal = nn.Sequential(nn.LayerNorm(in_features), nn.Linear(in_features, MAX_ORDINAL + 1))
+        self.ordinal = nn.Sequential(nn.LayerNorm(in_features),
+                                     nn.Linear(in_features, MAX_ORDINAL + 1))
         self.char = nn.Sequential(nn.LayerNorm(in_features), nn.Linear(in_features, 257))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,15 +110,17 @@ class GlyphBatch:
     char: torch.Tensor            # (N, Q) int64
 
     def to(self, device: torch.device) -> "GlyphBatch":
-        return GlyphBatch(self.pixel_values.to(device), self.ordinal.to(device), self.char.to(device))
+        return GlyphBatch(self.pixel_values.to(device), self.ordinal.to(device),
+                          self.char.to(device))
 
 
 class GlyphStream:
     """Weighted, seeded mixture of JSONL sources -> tiles with per-token OCR labels.
 
-    Every tile that holds a glyph is kept, an empty tile at EMPTY_TILE_RATE. Lines without
-    `glyphs` (text-only data) are passed over silently; if none of the first lines has any, the
-    stage was pointed at the wrong data and says so.
+    Every tile that holds a glyph is kept, an empty tile at EMPTY_TILE_RATE; tiles of the batch's
+    last image beyond `num_tiles` are dropped (the next batch starts with a new image). Lines
+    without `glyphs` (text-only data) are passed over silently; if none of the first lines has
+    any, the stage was pointed at the wrong data and says so.
     """
 
     def __init__(self, specs: Sequence[DataSpec], config: NVLMConfig, max_tiles: int, seed: int,
@@ -135,7 +138,7 @@ class GlyphStream:
                 "records_read": self.records_read, "images_used": self.images_used}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(_as_tuple(state["rng"]))
+        self.rng.setstate(as_tuple(state["rng"]))
         for source, source_state in zip(self.sources, state["sources"], strict=True):
             source.load_state_dict(source_state)
         self.records_read, self.images_used = state["records_read"], state["images_used"]
@@ -183,10 +186,10 @@ def ocr_loss(vision_model: nn.Module, heads: TokenOCRHeads, batch: GlyphBatch,
     character both come out right (None in a batch without glyphs)."""
     features = nvlm_kernels.pixel_shuffle(vision_model(batch.pixel_values), scale)
     ordinal_logits, char_logits = heads(features)
-    loss = (F.cross_entropy(ordinal_logits.flatten(0, 1), batch.ordinal.flatten(), ignore_index=IGNORE)
-            + F.cross_entropy(char_logits.flatten(0, 1), batch.char.flatten(), ignore_index=IGNORE))
+    loss = sum(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+               for logits, labels in ((ordinal_logits, batch.ordinal), (char_logits, batch.char)))
     with torch.no_grad():
         glyph = batch.char > NO_LABEL
-        both = ((ordinal_logits.argmax(-1) == batch.ordinal) & (char_logits.argmax(-1) == batch.char))
+        both = (ordinal_logits.argmax(-1) == batch.ordinal) & (char_logits.argmax(-1) == batch.char)
         accuracy = float(both[glyph].float().mean()) if glyph.any() else None
     return loss, {"glyph_accuracy": accuracy, "glyph_tokens": int(glyph.sum())}

@@ -71,7 +71,9 @@ def test_synthetic_glyph_boxes_label_the_cells_that_hold_ink():
 
 def test_parse_glyphs_rejects_malformed_entries():
     assert parse_glyphs([["7", 1, 2, 3, 4]], "f:1") == [("7", 1.0, 2.0, 3.0, 4.0)]
-    for bad in ([["77", 1, 2, 3, 4]], [["7", 3, 2, 1, 4]], [["7", 1, 2, 3]], "7", [[7, 1, 2, 3, 4]]):
+    bad_values = ([["77", 1, 2, 3, 4]], [["7", 3, 2, 1, 4]], [["7", 1, 2, 3]], "7",
+                  [[7, 1, 2, 3, 4]])
+    for bad in bad_values:
         with pytest.raises(ValueError, match="glyphs"):
             parse_glyphs(bad, "f:1")
 
