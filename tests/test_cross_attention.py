@@ -74,6 +74,27 @@ def test_gate_forms(triton_backend, device, gate):
         assert float(grad.abs()) > 0.0
 
 
+def test_whole_and_edge_key_blocks(triton_backend, device):
+    """Query blocks whose non-empty rows share a start run their whole key blocks unmasked and
+    mask only the edge: empty rows in such a block (they take unmasked work) must still give 0,
+    rows that end at different keys, a row that starts later (no unmasked blocks), and scores
+    peaked far below 0 where a padded key's P would overflow."""
+    total_q, total_kv = 128, 200
+    start = torch.zeros(total_q, dtype=torch.int32)
+    end = torch.zeros(total_q, dtype=torch.int32)
+    start[8:32], end[8:32] = 10, 150                       # rows 0-7 empty
+    start[32:64], end[32:64] = 40, torch.arange(100, 196, 3, dtype=torch.int32)
+    start[64:96], end[64:96] = 0, total_kv
+    start[70], end[70] = 5, total_kv                       # one row starts later
+    start[96:128], end[96:128] = 190, 197                  # less than one block
+    for peaked in (False, True):
+        inputs = make_inputs(total_q, total_kv, 4, 2, 64, torch.float32, device, seed=3)
+        inputs.update(kv_start=start.to(device), kv_end=end.to(device))
+        if peaked:  # q.k about -576: log2-scores near -415, a padded key's exp2(0 - lse) = inf
+            inputs.update(q=inputs["q"] + 3.0, k=inputs["k"] - 3.0, softmax_scale=0.5)
+        assert_matches_reference(OP, inputs, triton_backend)
+
+
 @pytest.mark.parametrize("arch", ["X", "H"])
 def test_nvlm_ranges_match_reference(triton_backend, device, arch):
     """Ranges as the model builds them: two samples, three images, tag tokens per tile (X)."""

@@ -44,6 +44,28 @@ def test_query_and_key_lengths_differ(triton_backend, device, causal):
     assert_matches_reference(OP, inputs, triton_backend)
 
 
+def test_causal_diagonal_at_every_offset(triton_backend, device):
+    """Bottom-right offsets lk - lq around multiples of the key block (32 on the interpreter, 64
+    or 128 on a GPU): the backward runs query blocks unmasked from the first row that sees a
+    whole key block, and an off-by-one there shows only at offsets of block - 2 or - 1."""
+    shifts = [-2, -1, 1, 30, 31, 33, 62, 63, 126, 127]
+    inputs = pack([70] * len(shifts), [70 + s for s in shifts], 2, 1, 32, torch.float32, device,
+                  True)
+    assert_matches_reference(OP, inputs, triton_backend)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_peaked_scores_with_partial_key_blocks(triton_backend, device, causal):
+    """Whole key blocks run unmasked and only edge blocks mask, so keys past a sequence's end are
+    masked where they could matter: with scores far below 0 a padded key's P would overflow
+    (exp2(0 - lse)) and turn dQ into NaN (inf * 0) if the edge block skipped its mask."""
+    inputs = pack([45, 70], [45, 70], 2, 1, 64, torch.float32, device, causal)
+    inputs["q"] = inputs["q"] + 3.0   # q.k about -576: log2-scores near -415 at scale 0.5,
+    inputs["k"] = inputs["k"] - 3.0   # so a padded key's exp2(0 - lse) would be inf
+    inputs["softmax_scale"] = 0.5
+    assert_matches_reference(OP, inputs, triton_backend)
+
+
 @pytest.mark.slow
 def test_long_pack(triton_backend, device):
     """The issue's pack {1, 7, 64, 129, 1000} with an empty sequence, causal."""

@@ -17,9 +17,13 @@ dO_inner = gate * dO, folded in as an fp32 factor on dO V^T and on P (never a ro
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import triton
 import triton.language as tl
+
+from ._tuning import pick
 
 LOG2E = 1.4426950408889634
 
@@ -55,6 +59,47 @@ def loop_bounds(row_lo, row_hi, limit):
 
 
 @triton.jit
+def whole_blocks_end(row_lo, row_hi, key_lo, key_hi, BLOCK_N: tl.constexpr):
+    """End of the run of whole key blocks, from key_lo, that every non-empty row of the block
+    sees entirely: [key_lo, end) needs no mask (no per-row bounds, no key bound), so the loops
+    split into unmasked blocks first and masked edge blocks (the diagonal, a partial last block,
+    rows that start later) after. Empty rows may take garbage there; the caller zeroes them."""
+    nonempty = row_lo < row_hi
+    all_start_at_lo = tl.max(tl.where(nonempty, row_lo, key_lo), axis=0) <= key_lo
+    earliest_hi = tl.min(tl.where(nonempty, row_hi, key_hi), axis=0)
+    whole = tl.maximum(earliest_hi - key_lo, 0) // BLOCK_N * BLOCK_N
+    return key_lo + tl.where(all_start_at_lo, whole, 0)
+
+
+@triton.jit
+def attend_block(q, acc, l_i, m_i, k_ptr, v_ptr, stride_kt, stride_vt, start_n, row_lo, row_hi,
+                 key_hi, dims, dim_mask, qk_scale_log2, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    """One key block of the online softmax. Unmasked blocks are whole and seen by every row, so
+    every score is finite and the running max needs no -inf guard."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
+    else:
+        kv_mask = dim_mask[None, :]
+    k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
+    scores = dot(q, tl.trans(k), IEEE_DOTS) * qk_scale_log2
+    if MASKED:
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = m_new
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = load_rows(v_ptr, cols, stride_vt, dims, kv_mask)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOTS)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def attend(q, k_ptr, v_ptr, stride_kt, stride_vt, row_lo, row_hi, key_lo, key_hi, dims,
            dim_mask, qk_scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
            HEAD_DIM: tl.constexpr, IEEE_DOTS: tl.constexpr):
@@ -63,34 +108,30 @@ def attend(q, k_ptr, v_ptr, stride_kt, stride_vt, row_lo, row_hi, key_lo, key_hi
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
-        k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
-        scores = dot(q, tl.trans(k), IEEE_DOTS) * qk_scale_log2
-        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = load_rows(v_ptr, cols, stride_vt, dims, kv_mask)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOTS)
-        m_i = m_new
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    whole_end = whole_blocks_end(row_lo, row_hi, key_lo, key_hi, BLOCK_N)
+    for start_n in range(key_lo, whole_end, BLOCK_N):
+        acc, l_i, m_i = attend_block(q, acc, l_i, m_i, k_ptr, v_ptr, stride_kt, stride_vt,
+                                     start_n, row_lo, row_hi, key_hi, dims, dim_mask,
+                                     qk_scale_log2, BLOCK_N, False, IEEE_DOTS)
+    for start_n in range(whole_end, key_hi, BLOCK_N):
+        acc, l_i, m_i = attend_block(q, acc, l_i, m_i, k_ptr, v_ptr, stride_kt, stride_vt,
+                                     start_n, row_lo, row_hi, key_hi, dims, dim_mask,
+                                     qk_scale_log2, BLOCK_N, True, IEEE_DOTS)
+    seen = row_lo < row_hi  # not l_i > 0: empty rows may have summed unmasked blocks
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     return out, lse
 
 
 @triton.jit
 def softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
-                     GATED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+                     GATED: tl.constexpr, MASKED: tl.constexpr, IEEE_DOTS: tl.constexpr):
     """(P, dS) of one (query block, key block) tile: P recomputed from the saved lse, and
     dS = P * (gate * dO V^T - delta), delta = rowsum(O * dO_inner)."""
     scores = dot(q, tl.trans(k), IEEE_DOTS)
-    p = tl.where(visible, tl.exp2(scores * qk_scale_log2 - lse[:, None]), 0.0)
+    p = tl.exp2(scores * qk_scale_log2 - lse[:, None])
+    if MASKED:  # unmasked: every row sees every key, or is empty (lse = +inf, so P = 0)
+        p = tl.where(visible, p, 0.0)
     dp = dot(grad_out, tl.trans(v), IEEE_DOTS)
     if GATED:
         dp = dp * gate
@@ -99,10 +140,10 @@ def softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2
 
 @triton.jit
 def dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate, qk_scale_log2,
-              GATED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+              GATED: tl.constexpr, MASKED: tl.constexpr, IEEE_DOTS: tl.constexpr):
     """Add one query block's contribution to a key block's dK (unscaled) and dV."""
     p, ds = softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
-                             GATED, IEEE_DOTS)
+                             GATED, MASKED, IEEE_DOTS)
     if GATED:
         p = p * gate
     dv += dot(tl.trans(p.to(grad_out.dtype)), grad_out, IEEE_DOTS)
@@ -124,22 +165,42 @@ def load_query_block(q_ptr, grad_out_ptr, lse_ptr, delta_ptr, rows, row_mask, st
 
 
 @triton.jit
+def dq_step(dq, q, grad_out, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, start_n, row_lo,
+            row_hi, key_hi, gate, dims, dim_mask, qk_scale_log2, GATED: tl.constexpr,
+            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    """Add one key block's contribution to a query block's dQ (unscaled). Masked blocks also
+    bound the keys: past key_hi, P need not be 0 and K is loaded as 0, and inf * 0 is NaN."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+    else:
+        kv_mask = dim_mask[None, :]
+        visible = None
+    k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
+    v = load_rows(v_ptr, cols, stride_vt, dims, kv_mask)
+    _p, ds = softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
+                              GATED, MASKED, IEEE_DOTS)
+    return dq + dot(ds.to(k.dtype), k, IEEE_DOTS)
+
+
+@triton.jit
 def dq_block(q, grad_out, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, row_lo, row_hi,
              key_lo, key_hi, gate, dims, dim_mask, qk_scale_log2, GATED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              IEEE_DOTS: tl.constexpr):
     """dQ (unscaled, fp32) of a query block over key rows [key_lo, key_hi), per-row bounds as in
-    `attend`."""
+    `attend`, whole blocks unmasked first. An empty row has lse = +inf, so P = 0 and dQ = 0."""
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
-        k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
-        v = load_rows(v_ptr, cols, stride_vt, dims, kv_mask)
-        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-        _p, ds = softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
-                                  GATED, IEEE_DOTS)
-        dq += dot(ds.to(k.dtype), k, IEEE_DOTS)
+    whole_end = whole_blocks_end(row_lo, row_hi, key_lo, key_hi, BLOCK_N)
+    for start_n in range(key_lo, whole_end, BLOCK_N):
+        dq = dq_step(dq, q, grad_out, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, start_n,
+                     row_lo, row_hi, key_hi, gate, dims, dim_mask, qk_scale_log2, GATED,
+                     BLOCK_N, False, IEEE_DOTS)
+    for start_n in range(whole_end, key_hi, BLOCK_N):
+        dq = dq_step(dq, q, grad_out, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, start_n,
+                     row_lo, row_hi, key_hi, gate, dims, dim_mask, qk_scale_log2, GATED,
+                     BLOCK_N, True, IEEE_DOTS)
     return dq
 
 
@@ -171,9 +232,11 @@ DELTA_ROWS = 32
 
 
 # --------------------------------------------------------------------------------------------
-# configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen once per (arch, pass, head
+# configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen once per (arch, kernel, head
 # dim, operand width) and never re-tuned per total length; both ops use them (their programs
-# hold the same tiles).
+# hold the same tiles). The two backward kernels have their own entries: dK/dV holds two
+# (BLOCK_N, d) fp32 accumulators and dQ one (BLOCK_M, d), so they fit different tiles. Entries
+# were chosen by the compile gate (registers, spills, wgmma), not yet by timing on a card.
 
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 
@@ -183,29 +246,78 @@ INTERPRETER_CONFIG = (32, 32, 4, 1)
 CONFIGS = {
     **{("sm90", "fwd", d, "16bit"): (128, 64, 8, 3) for d in (16, 32, 64, 128)},
     ("sm90", "fwd", 256, "16bit"): (64, 32, 8, 2),
-    **{("sm80", "fwd", d, "16bit"): (128, 64, 4, 2) for d in (16, 32, 64)},
+    **{("sm80", "fwd", d, "16bit"): (128, 64, 8, 2) for d in (16, 32, 64)},
     ("sm80", "fwd", 128, "16bit"): (128, 32, 8, 2),
     ("sm80", "fwd", 256, "16bit"): (64, 32, 8, 1),
-    **{(arch, "bwd", d, "16bit"): (64, 64, 4, 2) for arch in ("sm90", "sm80") for d in (16, 32, 64)},
-    **{(arch, "bwd", 128, "16bit"): (64, 64, 8, 2) for arch in ("sm90", "sm80")},
-    ("sm90", "bwd", 256, "16bit"): (64, 64, 8, 1),  # 64-row blocks: wgmma needs M >= 64
-    ("sm80", "bwd", 256, "16bit"): (32, 32, 8, 1),
+    **{(arch, kind, d, "16bit"): (64, 64, 4, 2) for arch in ("sm90", "sm80")
+       for kind in ("bwd_dkdv", "bwd_dq") for d in (16, 32)},
+    **{("sm90", kind, 64, "16bit"): (64, 64, 4, 2) for kind in ("bwd_dkdv", "bwd_dq")},
+    ("sm80", "bwd_dkdv", 64, "16bit"): (32, 64, 4, 2),
+    ("sm80", "bwd_dq", 64, "16bit"): (64, 64, 8, 2),
+    **{(arch, kind, 128, "16bit"): (64, 64, 8, 2) for arch in ("sm90", "sm80")
+       for kind in ("bwd_dkdv", "bwd_dq")},
+    # dK/dV's dots P^T dO and dS^T Q have M = BLOCK_N: 64 keys keep them on wgmma; 32 query rows
+    # keep the program off the spill path (64 x 64 spilled 512-544 bytes)
+    ("sm90", "bwd_dkdv", 256, "16bit"): (32, 64, 8, 1),
+    ("sm90", "bwd_dq", 256, "16bit"): (64, 32, 8, 2),
+    ("sm80", "bwd_dkdv", 256, "16bit"): (32, 32, 8, 1),
+    ("sm80", "bwd_dq", 256, "16bit"): (64, 32, 8, 1),
     **{(arch, "fwd", d, "fp32"): (64, 32, 4, 2) for arch in ("sm90", "sm80")
        for d in (16, 32, 64, 128)},
     **{(arch, "fwd", 256, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")},
-    **{(arch, "bwd", d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
-       for d in (16, 32, 64, 128)},
-    **{(arch, "bwd", 256, "fp32"): (16, 16, 4, 1) for arch in ("sm90", "sm80")},
+    **{(arch, kind, d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
+       for kind in ("bwd_dkdv", "bwd_dq") for d in (16, 32, 64, 128)},
+    **{(arch, kind, 256, "fp32"): (16, 16, 4, 1) for arch in ("sm90", "sm80")
+       for kind in ("bwd_dkdv", "bwd_dq")},
 }
 
 
-def config(device: torch.device, head_dim_padded: int, kind: str,
-           dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if device.type != "cuda":
-        return INTERPRETER_CONFIG
+# Alternatives the opt-in tuner (ops/_tuning.py) times against the entry above, where the
+# compile gate left more than one good tile: sm_90, 16-bit, head dim 128 (the ViT's and the LLMs'
+# width), each free of spills on triton 3.6 and 3.9. The compile gate builds them all.
+ALTERNATIVES = {
+    ("sm90", "fwd", 128, "16bit"): ((128, 64, 8, 2),),
+    ("sm90", "bwd_dkdv", 128, "16bit"): ((32, 64, 8, 2),),
+    ("sm90", "bwd_dq", 128, "16bit"): ((128, 64, 8, 2), (128, 32, 8, 2)),
+}
+
+
+def shipped_configs() -> Iterator[tuple[tuple[str, str, int, str], int, tuple[int, int, int, int]]]:
+    """(key, index, config) of every configuration a launch can use: index 0 is the table's,
+    1... its alternatives. The compile gate builds each."""
+    for key, config in CONFIGS.items():
+        for index, option in enumerate((config,) + ALTERNATIVES.get(key, ())):
+            yield key, index, option
+
+
+def config_key(device: torch.device, head_dim_padded: int, kind: str,
+               dtype: torch.dtype) -> tuple[str, str, int, str]:
     arch = "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
     width = "fp32" if dtype == torch.float32 else "16bit"
-    return CONFIGS[(arch, kind, min(head_dim_padded, 256), width)]
+    return arch, kind, min(head_dim_padded, 256), width
+
+
+def candidates(device: torch.device, head_dim_padded: int, kind: str,
+               dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
+    """The shipped configuration first, then its alternatives (the interpreter has one)."""
+    if device.type != "cuda":
+        return (INTERPRETER_CONFIG,)
+    key = config_key(device, head_dim_padded, kind, dtype)
+    return (CONFIGS[key],) + ALTERNATIVES.get(key, ())
+
+
+def launch_tuned(op: str, variant: object, device: torch.device, head_dim_padded: int,
+                 kind: str, dtype: torch.dtype,
+                 launch: Callable[[tuple[int, int, int, int]], None]) -> None:
+    """launch(config) with the shipped configuration, or with the tuner's pick when tuning is on
+    (keyed on the op, kernel, head dim, dtype and `variant`: causal or gated, never lengths)."""
+    options = candidates(device, head_dim_padded, kind, dtype)
+    if len(options) == 1:
+        launch(options[0])
+        return
+    arch = config_key(device, head_dim_padded, kind, dtype)[0]
+    key = (op, kind, arch, head_dim_padded, str(dtype).removeprefix("torch."), variant)
+    launch(pick(key, options, launch))
 
 
 def head_dim_padded(head_dim: int) -> int:

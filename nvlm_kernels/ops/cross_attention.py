@@ -42,9 +42,10 @@ import triton.language as tl
 from .._memory import new_output
 from .._registration import register_cross_attention
 from ..compile_gate import KernelSpec
-from ._attention_core import (CONFIGS, DELTA_ROWS, LOG2E, attend, config, delta_kernel,
-                              dkdv_step, dq_block, head_dim_padded, load_query_block, load_rows,
-                              loop_bounds, store_rows, unit_last_stride)
+from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dkdv_step,
+                              dq_block, head_dim_padded, launch_tuned, load_query_block,
+                              load_rows, loop_bounds, shipped_configs, store_rows,
+                              unit_last_stride)
 
 
 @triton.jit
@@ -129,7 +130,7 @@ def _cross_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr
                 delta_ptr + stats, rows, row_mask, stride_qt, stride_dot, dims, dim_mask)
             visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
             dk, dv = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate,
-                               qk_scale_log2, GATED, IEEE_DOTS)
+                               qk_scale_log2, GATED, True, IEEE_DOTS)
     store_rows(dk_ptr + kv_head * stride_kh, cols, stride_kt, dims, dk * softmax_scale, kv_mask)
     store_rows(dv_ptr + kv_head * stride_vh, cols, stride_vt, dims, dv, kv_mask)
 
@@ -212,15 +213,19 @@ def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse, ungated
     _check_grid(heads)
     padded = head_dim_padded(head_dim)
-    block_m, block_n, warps, stages = config(q.device, padded, "fwd", q.dtype)
     target = ungated if save_ungated else out
-    _cross_fwd_kernel[(triton.cdiv(total_q, block_m), heads)](
-        q, k, v, kv_start, kv_end, gate_factor if gated else q, out, target, lse, q.stride(0),
-        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-        out.stride(1), target.stride(0), target.stride(1), total_q, k.shape[0], head_dim,
-        softmax_scale * LOG2E, GROUP=heads // k.shape[1], GATED=gated, SAVE_UNGATED=save_ungated,
-        HEAD_DIM=padded, BLOCK_M=block_m, BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+
+    def launch(config):
+        block_m, block_n, warps, stages = config
+        _cross_fwd_kernel[(triton.cdiv(total_q, block_m), heads)](
+            q, k, v, kv_start, kv_end, gate_factor if gated else q, out, target, lse,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), target.stride(0), target.stride(1), total_q,
+            k.shape[0], head_dim, softmax_scale * LOG2E, GROUP=heads // k.shape[1], GATED=gated,
+            SAVE_UNGATED=save_ungated, HEAD_DIM=padded, BLOCK_M=block_m, BLOCK_N=block_n,
+            IEEE_DOTS=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+
+    launch_tuned("cross_attention", gated, q.device, padded, "fwd", q.dtype, launch)
     return out, lse, ungated
 
 
@@ -259,20 +264,29 @@ def _cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: tor
         d_gate = partial.sum(0)
     if total_kv == 0:
         return dq, dk, dv, d_gate
-    block_m, block_n, warps, stages = config(q.device, padded, "bwd", q.dtype)
-    common = dict(GROUP=heads // kv_heads, GATED=gated, HEAD_DIM=padded, BLOCK_M=block_m,
-                  BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32, num_warps=warps,
-                  num_stages=stages)
+    flags = dict(GROUP=heads // kv_heads, GATED=gated, HEAD_DIM=padded,
+                 IEEE_DOTS=q.dtype == torch.float32)
     gate = gate_factor if gated else q
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     scalars = (total_q, total_kv, head_dim, softmax_scale * LOG2E, softmax_scale)
-    first, last = _query_block_spans(kv_start, kv_end, total_kv, block_m, block_n)
-    _cross_bwd_dkdv_kernel[(triton.cdiv(total_kv, block_n), kv_heads)](
-        q, k, v, grad_out, lse, delta, kv_start, kv_end, gate, first, last, dk, dv, *strides,
-        *scalars, **common)
-    _cross_bwd_dq_kernel[(triton.cdiv(total_q, block_m), heads)](
-        q, k, v, grad_out, lse, delta, kv_start, kv_end, gate, dq, *strides, *scalars, **common)
+
+    def launch_dkdv(config):
+        block_m, block_n, warps, stages = config
+        first, last = _query_block_spans(kv_start, kv_end, total_kv, block_m, block_n)
+        _cross_bwd_dkdv_kernel[(triton.cdiv(total_kv, block_n), kv_heads)](
+            q, k, v, grad_out, lse, delta, kv_start, kv_end, gate, first, last, dk, dv,
+            *strides, *scalars, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            num_stages=stages)
+
+    def launch_dq(config):
+        block_m, block_n, warps, stages = config
+        _cross_bwd_dq_kernel[(triton.cdiv(total_q, block_m), heads)](
+            q, k, v, grad_out, lse, delta, kv_start, kv_end, gate, dq, *strides, *scalars,
+            **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+    launch_tuned("cross_attention", gated, q.device, padded, "bwd_dkdv", q.dtype, launch_dkdv)
+    launch_tuned("cross_attention", gated, q.device, padded, "bwd_dq", q.dtype, launch_dq)
     return dq, dk, dv, d_gate
 
 
@@ -305,11 +319,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start:
 # compile gate: every shipped config x head dim x dtype, gated (the superset of the ungated
 # programs: a load and a multiply more), for the arch it is meant for
 
-# Spills the compile gate measured (cuobjdump STACK bytes, triton 3.9, 2026-11-27) and accepts,
-# as for varlen attention: the backward at the register limit for d = 64 on sm_80 and d = 256 on
-# sm_90 (speed, not correctness; retune on a GPU). fp32 (IEEE dots) is for correctness checks.
-_MEASURED_SPILLS_16BIT = {("sm80", "bwd_dkdv", 64): 8, ("sm80", "bwd_dq", 64): 16,
-                          ("sm90", "bwd_dkdv", 256): 512, ("sm90", "bwd_dq", 256): 152}
+# Spills: none in the 16-bit programs on triton 3.9 (2026-11-27). On triton 3.6 the sm_90 d = 128
+# and sm_80 d = 64 dK/dV programs spill 8 bytes. fp32 (IEEE dots) is for correctness checks and
+# spills as for varlen attention.
+_MEASURED_SPILLS_16BIT: dict[tuple[str, str, int], int] = {}
 _MEASURED_SPILLS_FP32 = 10 * 1024 + 512
 
 
@@ -324,7 +337,9 @@ _STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 
 def _specs() -> list[KernelSpec]:
     specs = []
-    for (arch, kind, padded, width), (block_m, block_n, warps, stages) in CONFIGS.items():
+    for (arch, kind, padded, width), index, config in shipped_configs():
+        block_m, block_n, warps, stages = config
+        alt = f",alt{index}" if index else ""
         if width == "fp32" and padded < 64:
             continue  # the d = 16/32 fp32 entries repeat the d = 64 one
         dtype = "bf16" if width == "16bit" else "fp32"  # fp16 lowers like bf16
@@ -335,7 +350,7 @@ def _specs() -> list[KernelSpec]:
         flags = {c: "constexpr" for c in constexprs}
         common = dict(num_warps=warps, num_stages=stages, archs=(arch_number,),
                       expects_wgmma=dtype != "fp32")
-        name = f"cross_attention_{{}}[{arch},d={padded},{dtype}]"
+        name = f"cross_attention_{{}}[{arch},d={padded},{dtype}{alt}]"
         ranges = {"start_ptr": "*i32", "end_ptr": "*i32", "gate_ptr": "*fp32"}
         if kind == "fwd":
             signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, **ranges,
@@ -359,16 +374,13 @@ def _specs() -> list[KernelSpec]:
                 "qk_scale_log2": "fp32", "softmax_scale": "fp32", **flags}
         aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", *_STRIDES, "stride_dot",
                    "stride_doh", "head_dim")
+        kernel, extra = ((_cross_bwd_dkdv_kernel, {"first_ptr": "*i32", "last_ptr": "*i32",
+                                                    "dk_ptr": pointer, "dv_ptr": pointer})
+                         if kind == "bwd_dkdv" else (_cross_bwd_dq_kernel, {"dq_ptr": pointer}))
         specs.append(KernelSpec(
-            name.format("bwd_dkdv"), _cross_bwd_dkdv_kernel,
-            {**base, "first_ptr": "*i32", "last_ptr": "*i32", "dk_ptr": pointer,
-             "dv_ptr": pointer, **tail}, constexprs,
-            allowed_spill_bytes=_allowed_spills(arch, "bwd_dkdv", padded, dtype),
-            divisible_by_16=aligned + ("dk_ptr", "dv_ptr"), **common))
-        specs.append(KernelSpec(
-            name.format("bwd_dq"), _cross_bwd_dq_kernel, {**base, "dq_ptr": pointer, **tail},
-            constexprs, allowed_spill_bytes=_allowed_spills(arch, "bwd_dq", padded, dtype),
-            divisible_by_16=aligned + ("dq_ptr",), **common))
+            name.format(kind), kernel, {**base, **extra, **tail}, constexprs,
+            allowed_spill_bytes=_allowed_spills(arch, kind, padded, dtype),
+            divisible_by_16=aligned + tuple(n for n in extra if n.startswith("d")), **common))
     return specs
 
 

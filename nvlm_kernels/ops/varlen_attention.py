@@ -37,10 +37,10 @@ import triton.language as tl
 from .._memory import new_output
 from .._registration import register_varlen_attention
 from ..compile_gate import KernelSpec
-from ._attention_core import (CONFIGS, DELTA_ROWS, LOG2E, attend, config, delta_kernel,
+from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel,
                               delta_spec_signature, dkdv_step, dq_block, head_dim_padded,
-                              load_query_block, load_rows, loop_bounds, store_rows,
-                              unit_last_stride)
+                              launch_tuned, load_query_block, load_rows, loop_bounds,
+                              shipped_configs, store_rows, unit_last_stride)
 
 
 @triton.jit
@@ -116,8 +116,13 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                       kv_mask)
         dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+        # Causal: query rows i < n0 - (k_len - q_len) see none of these keys, so the loop starts
+        # at the block holding the first row that does, and every block is masked (a second,
+        # unmasked loop for the rows below the diagonal spilled 368 bytes at d = 128 on sm_90).
+        # Non-causal: every row sees every key, no mask (rows past q_len have lse = +inf, so
+        # P = 0; keys past k_len only touch dK/dV rows that are never stored).
         m_first = 0
-        if CAUSAL:  # query rows i < n0 - (k_len - q_len) see none of these keys
+        if CAUSAL:
             m_first = tl.maximum(block_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
         q_base = q_start.to(tl.int64)
         for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):
@@ -129,10 +134,12 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                     grad_out_ptr + q_base * stride_dot + head * stride_doh,
                     lse_ptr + stats_base, delta_ptr + stats_base, rows, rows < q_len,
                     stride_qt, stride_dot, dims, dim_mask)
-                row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
-                visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+                visible = None
+                if CAUSAL:
+                    row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
+                    visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
                 dk, dv = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
-                                   qk_scale_log2, False, IEEE_DOTS)
+                                   qk_scale_log2, False, CAUSAL, IEEE_DOTS)
         store_rows(dk_ptr + k_base * stride_kt + kv_head * stride_kh, cols, stride_kt, dims,
                    dk * softmax_scale, kv_mask)
         store_rows(dv_ptr + k_base * stride_vt + kv_head * stride_vh, cols, stride_vt, dims, dv,
@@ -193,14 +200,17 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out.zero_(), lse.fill_(float("inf"))
     _check_grid(batch, heads)
     padded = head_dim_padded(head_dim)
-    block_m, block_n, warps, stages = config(q.device, padded, "fwd", q.dtype)
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), total_q, k.shape[0],
-        head_dim, softmax_scale * LOG2E, GROUP=heads // k.shape[1], CAUSAL=causal,
-        HEAD_DIM=padded, BLOCK_M=block_m, BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+
+    def launch(config):
+        block_m, block_n, warps, stages = config
+        _attn_fwd_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), total_q,
+            k.shape[0], head_dim, softmax_scale * LOG2E, GROUP=heads // k.shape[1],
+            CAUSAL=causal, HEAD_DIM=padded, BLOCK_M=block_m, BLOCK_N=block_n,
+            IEEE_DOTS=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+
+    launch_tuned("varlen_attention", causal, q.device, padded, "fwd", q.dtype, launch)
     return out, lse
 
 
@@ -228,21 +238,31 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
         out, grad_out, delta, out, delta, out.stride(0), out.stride(1), grad_out.stride(0),
         grad_out.stride(1), 0, 0, total_q, head_dim, HEAD_DIM=padded, BLOCK_M=DELTA_ROWS,
         GATE_GRAD=False, num_warps=4)
-    block_m, block_n, warps, stages = config(q.device, padded, "bwd", q.dtype)
-    common = dict(GROUP=heads // kv_heads, CAUSAL=causal, HEAD_DIM=padded, BLOCK_M=block_m,
-                  BLOCK_N=block_n, IEEE_DOTS=q.dtype == torch.float32, num_warps=warps,
-                  num_stages=stages)
+    flags = dict(GROUP=heads // kv_heads, CAUSAL=causal, HEAD_DIM=padded,
+                 IEEE_DOTS=q.dtype == torch.float32)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     scales = (softmax_scale * LOG2E, softmax_scale)
-    if max_seqlen_k:
+
+    def launch_dkdv(config):
+        block_m, block_n, warps, stages = config
         _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *strides, total_q,
-            total_k, head_dim, *scales, **common)
-    if max_seqlen_q:
+            total_k, head_dim, *scales, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages)
+
+    def launch_dq(config):
+        block_m, block_n, warps, stages = config
         _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, block_m), batch, heads)](
             q, k, v, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *strides, total_q,
-            total_k, head_dim, *scales, **common)
+            total_k, head_dim, *scales, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages)
+
+    if max_seqlen_k:
+        launch_tuned("varlen_attention", causal, q.device, padded, "bwd_dkdv", q.dtype,
+                     launch_dkdv)
+    if max_seqlen_q:
+        launch_tuned("varlen_attention", causal, q.device, padded, "bwd_dq", q.dtype, launch_dq)
     return dq, dk, dv
 
 
@@ -264,13 +284,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # compile gate: every shipped config x head dim x causal x dtype, for the arch it is meant for
 
 
-# Spills the compile gate measured (cuobjdump STACK bytes, triton 3.9, 2026-11-27) and accepts:
-# - 16-bit configs at the register limit (255): small spills in the backward, largest at
-#   d = 256 on sm_90. They cost speed, not correctness; retune these entries on a GPU.
+# Spills the compile gate measured (cuobjdump STACK bytes, 2026-11-27) and accepts:
+# - 16-bit: the sm_90 d = 256 dK/dV program at the register limit, 8 bytes (triton 3.9; 0 on
+#   3.6). On triton 3.6 (the GPU environment) the shipped sm_90 d = 128 dK/dV spills 8 bytes
+#   (full) and 16 (causal), 0 on 3.9; its spill-free alternative (32, 64, 8, 2) is in the tuner's
+#   set, for a GPU run to decide between them.
 # - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
 #   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
-_MEASURED_SPILLS_16BIT = {("sm80", "bwd_dkdv", 64): 16, ("sm90", "bwd_dkdv", 256): 544,
-                          ("sm90", "bwd_dq", 256): 144}
+_MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8}
 _MEASURED_SPILLS_FP32 = 10 * 1024 + 512
 
 
@@ -289,14 +310,16 @@ def _specs() -> list[KernelSpec]:
                          "stride_dot", "stride_doh", "stride_ut", "stride_uh", "head_dim"),
         expects_16_byte_access=True)
         for padded in (64, 128, 256) for gate_grad in (False, True)]
-    for (arch, kind, padded, width), (block_m, block_n, warps, stages) in CONFIGS.items():
+    for (arch, kind, padded, width), index, config in shipped_configs():
+        block_m, block_n, warps, stages = config
+        alt = f",alt{index}" if index else ""
         if width == "fp32" and padded < 64:
             continue  # the d = 16/32 fp32 entries repeat the d = 64 one
         for causal in (False, True):
             for dtype in (("bf16",) if width == "16bit" else ("fp32",)):  # fp16 lowers like bf16
                 pointer = f"*{dtype}"
                 name = (f"varlen_attention_{kind}[{arch},d={padded},"
-                        f"{'causal' if causal else 'full'},{dtype}]")
+                        f"{'causal' if causal else 'full'},{dtype}{alt}]")
                 constexprs = {"GROUP": 1, "CAUSAL": causal, "HEAD_DIM": padded, "BLOCK_M": block_m,
                               "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
                 arch_number = 90 if arch == "sm90" else 80
@@ -327,18 +350,14 @@ def _specs() -> list[KernelSpec]:
                 aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", "stride_qt", "stride_qh",
                            "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
                            "stride_doh", "head_dim")
+                kernel, outputs = ((_attn_bwd_dkdv_kernel, {"dk_ptr": pointer, "dv_ptr": pointer})
+                                   if kind == "bwd_dkdv" else
+                                   (_attn_bwd_dq_kernel, {"dq_ptr": pointer}))
                 specs.append(KernelSpec(
-                    name.replace("_bwd[", "_bwd_dkdv["), _attn_bwd_dkdv_kernel,
-                    {**base, "dk_ptr": pointer, "dv_ptr": pointer, **tail}, constexprs,
-                    num_warps=warps, num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=_allowed_spills(arch, "bwd_dkdv", padded, dtype),
-                    divisible_by_16=aligned + ("dk_ptr", "dv_ptr")))
-                specs.append(KernelSpec(
-                    name.replace("_bwd[", "_bwd_dq["), _attn_bwd_dq_kernel,
-                    {**base, "dq_ptr": pointer, **tail}, constexprs, num_warps=warps,
+                    name, kernel, {**base, **outputs, **tail}, constexprs, num_warps=warps,
                     num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=_allowed_spills(arch, "bwd_dq", padded, dtype),
-                    divisible_by_16=aligned + ("dq_ptr",)))
+                    allowed_spill_bytes=_allowed_spills(arch, kind, padded, dtype),
+                    divisible_by_16=aligned + tuple(outputs)))
     return specs
 
 

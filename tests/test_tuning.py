@@ -1,0 +1,79 @@
+"""The opt-in config tuner (nvlm_kernels/ops/_tuning.py): off, it launches the table's entry;
+on, it times every candidate once per key and keeps the fastest; and every candidate a launch
+can pick is one the compile gate builds."""
+
+from __future__ import annotations
+
+import pytest
+
+from nvlm_kernels.ops import _tuning
+from nvlm_kernels.ops._attention_core import ALTERNATIVES, CONFIGS, shipped_configs
+
+
+class FakeTimer:
+    """Times a launch by the config it ran with (a table of made-up milliseconds)."""
+
+    def __init__(self, milliseconds: dict[str, float]):
+        self.milliseconds = milliseconds
+        self.timed: list[str] = []
+
+    def launch(self, config: str) -> None:
+        self.last = config
+
+    def __call__(self, run) -> float:
+        run()
+        self.timed.append(self.last)
+        return self.milliseconds[self.last]
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.delenv("NVLM_KERNELS_AUTOTUNE", raising=False)
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+
+
+def test_off_launches_the_first_candidate_untimed():
+    timer = FakeTimer({"a": 3.0, "b": 1.0})
+    assert _tuning.pick(("k",), ["a", "b"], timer.launch, timer) == "a"
+    assert timer.timed == []
+
+
+def test_on_picks_the_fastest_once_per_key(monkeypatch):
+    timer = FakeTimer({"a": 3.0, "b": 1.0, "c": 2.0})
+    with _tuning.autotuning():
+        assert _tuning.pick(("k", 1), ["a", "b", "c"], timer.launch, timer) == "b"
+        assert _tuning.pick(("k", 1), ["a", "b", "c"], timer.launch, timer) == "b"
+    assert timer.timed == ["a", "b", "c"]          # the second call reused the choice
+    timer.milliseconds["c"] = 0.5
+    monkeypatch.setenv("NVLM_KERNELS_AUTOTUNE", "1")
+    assert _tuning.pick(("k", 2), ["a", "b", "c"], timer.launch, timer) == "c"  # another key
+    assert _tuning.chosen() == {"k/1": "b", "k/2": "c"}
+
+
+def test_a_single_candidate_is_never_timed():
+    timer = FakeTimer({"a": 1.0})
+    with _tuning.autotuning():
+        assert _tuning.pick(("k",), ["a"], timer.launch, timer) == "a"
+    assert timer.timed == [] and _tuning.chosen() == {}
+
+
+def test_autotuning_block_restores_the_previous_setting():
+    with _tuning.autotuning():
+        with _tuning.autotuning(False):
+            assert not _tuning.autotune_enabled()
+        assert _tuning.autotune_enabled()
+    assert not _tuning.autotune_enabled()
+
+
+def test_every_alternative_is_a_compile_gate_spec():
+    from nvlm_kernels.ops import cross_attention, varlen_attention
+
+    names = {spec.name for spec in varlen_attention.COMPILE_SPECS + cross_attention.COMPILE_SPECS}
+    alternatives = [(key, index) for key, index, _config in shipped_configs() if index]
+    assert len(alternatives) == sum(len(options) for options in ALTERNATIVES.values())
+    for (arch, kind, padded, width), index in alternatives:
+        assert (arch, kind, padded, width) in CONFIGS
+        dtype = "bf16" if width == "16bit" else "fp32"
+        for op in ("varlen_attention", "cross_attention"):
+            assert any(name.startswith(f"{op}_{kind}[{arch},d={padded},")
+                       and name.endswith(f"{dtype},alt{index}]") for name in names), (op, kind)
