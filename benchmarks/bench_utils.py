@@ -57,6 +57,16 @@ def synchronized(fn, device: str):
     return run
 
 
+def tune_before_timing(benchmark, impl: str, fn) -> None:
+    """For impl "triton_tuned": run fn once untimed, so that the tuner measures its candidates
+    before the timer starts, and record its picks in the row's extra_info."""
+    if impl != "triton_tuned":
+        return
+    fn()
+    torch.cuda.synchronize()
+    benchmark.extra_info["configs"] = nk.tuned_configs()
+
+
 def record(benchmark, *, op: str, mode: str, impl: str, device: str, shape: str,
            nbytes: int) -> None:
     """nbytes: what an ideal fused kernel reads and writes in this mode."""

@@ -40,7 +40,8 @@ def build_rows(bench: dict, ceilings: dict) -> list[dict]:
                      "dtype": info.get("dtype"), "shape": info.get("shape"),
                      "median_ms": b["stats"]["median"] * 1e3, "bytes": info.get("bytes"),
                      "flops": info.get("flops"), "tokens": info.get("tokens"),
-                     "peak_memory_gb": info.get("peak_memory_gb")})
+                     "peak_memory_gb": info.get("peak_memory_gb"),
+                     "configs": info.get("configs")})
     eager = {r["group"]: r["median_ms"] for r in rows if r["impl"] == "eager"}
     for r in rows:
         seconds = r["median_ms"] / 1e3
@@ -60,7 +61,7 @@ def build_rows(bench: dict, ceilings: dict) -> list[dict]:
 def format_table(rows: list[dict], ceilings: dict) -> str:
     lines = [f"ceilings on {ceilings['device_name']}: copy {ceilings['copy_gbs']:.0f} GB/s, "
              f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.1f} TFLOP/s",
-             f"{'op':<26} {'mode':<17} {'impl':<7} {'shape':<14} {'dtype':<15} {'ms':>9} "
+             f"{'op':<26} {'mode':<17} {'impl':<15} {'shape':<14} {'dtype':<15} {'ms':>9} "
              f"{'rate':>14} {'% ceil':>7} {'vs eager':>9}"]
     for r in rows:
         rate = (f"{r['gbs']:.1f} GB/s" if "gbs" in r else
@@ -68,7 +69,7 @@ def format_table(rows: list[dict], ceilings: dict) -> str:
                 f"{r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else "-")
         pct = f"{r['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in r else "-"
         speedup = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
-        lines.append(f"{r['op']:<26} {r['mode'] or '-':<17} {r['impl'] or '-':<7} "
+        lines.append(f"{r['op']:<26} {r['mode'] or '-':<17} {r['impl'] or '-':<15} "
                      f"{r['shape'] or '-':<14} {r['dtype'] or '-':<15} {r['median_ms']:>9.3f} "
                      f"{rate:>14} {pct:>7} {speedup:>9}")
     return "\n".join(lines)

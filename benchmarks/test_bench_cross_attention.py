@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import synchronized
+from bench_utils import synchronized, tune_before_timing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 
@@ -31,7 +31,7 @@ HQ, HKV, HEAD_DIM = 64, 8, 128
 TEXT_BEFORE_IMAGE = 16
 LAYOUTS = ["nvlm-x", "nvlm-h"]
 DEVICE = "cuda"
-IMPLS = ["triton", "eager_sdpa_mask", "flex"]
+IMPLS = ["triton", "triton_tuned", "eager_sdpa_mask", "flex"]
 
 
 def layout(name: str):
@@ -71,9 +71,9 @@ def make_inputs(name, requires_grad):
 
 
 def implementation(impl, start, end, per_sample):
-    if impl == "triton":
+    if impl in ("triton", "triton_tuned"):  # the shipped configs, or the tuner's picks
         def run(q, k, v, gate):
-            with nk.use_backend("triton"):
+            with nk.use_backend("triton"), nk.autotuning(impl == "triton_tuned"):
                 return nk.cross_attention(q, k, v, start, end, gate=gate)
         return run
     groups = HQ // HKV
@@ -128,6 +128,7 @@ def test_forward(benchmark, name, impl):
     q, k, v, start, end, gate, per_sample = make_inputs(name, requires_grad=False)
     fn = implementation(impl, start, end, per_sample)
     record(benchmark, name, impl, "forward", useful_flops(start, end))
+    tune_before_timing(benchmark, impl, lambda: fn(q, k, v, gate))
     out = benchmark(synchronized(lambda: fn(q, k, v, gate), DEVICE))
     with nk.use_backend("triton"):
         expected = nk.cross_attention(q, k, v, start, end, gate=gate)
@@ -147,5 +148,6 @@ def test_forward_backward(benchmark, name, impl):
     def step():
         return torch.autograd.grad(fn(q, k, v, gate), (q, k, v, gate), grad)
 
+    tune_before_timing(benchmark, impl, step)
     grads = benchmark(synchronized(step, DEVICE))
     assert grads[0].shape == q.shape and grads[3].shape == gate.shape

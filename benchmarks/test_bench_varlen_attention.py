@@ -3,6 +3,8 @@ forward+backward, on two realistic packs:
   (a) NVLM-D SFT rows of 3200 tokens holding samples of mixed length (256..1792 image tokens +
       text), causal; head dim 128 (32 query / 8 key heads) and 64 (14 / 2, Qwen2-0.5B);
   (b) the ViT: 7 tiles x 1024 tokens, non-causal, 25 heads x 128 (InternViT-6B).
+"triton" runs the shipped configurations, "triton_tuned" the tuner's picks among their candidates
+(nk.autotuning; the picks are in the row's extra_info "configs").
 Baselines: a per-sequence SDPA loop, SDPA on a padded batch, torch.nn.attention.varlen.varlen_attn
 and flash_attn_varlen_func where importable, FlexAttention with a document mask built once.
 FLOPs count only unmasked work (report.py turns them into TFLOP/s and % of the bf16 matmul rate).
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import synchronized
+from bench_utils import synchronized, tune_before_timing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 
@@ -27,7 +29,7 @@ PACKS = {
     "sft-d64": ([2400, 800, 1500, 1100, 600, 2000, 1200], 14, 2, 64, True),
     "vit-7x1024": ([1024] * 7, 25, 25, 128, False),
 }
-IMPLS = ["triton", "sdpa_loop", "sdpa_padded", "flex", "torch_varlen", "flash_attn"]
+IMPLS = ["triton", "triton_tuned", "sdpa_loop", "sdpa_padded", "flex", "torch_varlen", "flash_attn"]
 
 
 def useful_flops(lengths, heads, head_dim, causal) -> int:
@@ -47,9 +49,9 @@ def make_inputs(pack, requires_grad):
 def implementation(impl, pack):
     lengths, hq, hk, d, causal = PACKS[pack]
     groups = hq // hk
-    if impl == "triton":
+    if impl in ("triton", "triton_tuned"):  # the shipped configs, or the tuner's picks
         def run(q, k, v, cu, max_len, causal):
-            with nk.use_backend("triton"):
+            with nk.use_backend("triton"), nk.autotuning(impl == "triton_tuned"):
                 return nk.varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal)
         return run
     if impl == "sdpa_loop":
@@ -131,6 +133,7 @@ def test_forward(benchmark, pack, impl):
     fn = implementation(impl, pack)
     lengths, hq, _hk, d, _ = PACKS[pack]
     record(benchmark, pack, impl, "forward", useful_flops(lengths, hq, d, causal))
+    tune_before_timing(benchmark, impl, lambda: fn(q, k, v, cu, max_len, causal))
     out = benchmark(synchronized(lambda: fn(q, k, v, cu, max_len, causal), "cuda"))
     assert out.shape == q.shape
 
@@ -148,5 +151,6 @@ def test_forward_backward(benchmark, pack, impl):
     def step():
         return torch.autograd.grad(fn(q, k, v, cu, max_len, causal), (q, k, v), grad)
 
+    tune_before_timing(benchmark, impl, step)
     grads = benchmark(synchronized(step, "cuda"))
     assert grads[0].shape == q.shape

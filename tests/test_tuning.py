@@ -1,12 +1,13 @@
-"""The opt-in config tuner (nvlm_kernels/ops/_tuning.py): off, it launches the table's entry;
+"""The opt-in config tuner (nvlm_kernels/_tuning.py): off, it launches the table's entry;
 on, it times every candidate once per key and keeps the fastest; and every candidate a launch
 can pick is one the compile gate builds."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from nvlm_kernels.ops import _tuning
+from nvlm_kernels import _tuning
 from nvlm_kernels.ops._attention_core import ALTERNATIVES, CONFIGS, shipped_configs
 
 
@@ -47,14 +48,14 @@ def test_on_picks_the_fastest_once_per_key(monkeypatch):
     timer.milliseconds["c"] = 0.5
     monkeypatch.setenv("NVLM_KERNELS_AUTOTUNE", "1")
     assert _tuning.pick(("k", 2), ["a", "b", "c"], timer.launch, timer) == "c"  # another key
-    assert _tuning.chosen() == {"k/1": "b", "k/2": "c"}
+    assert _tuning.tuned_configs() == {"k/1": "b", "k/2": "c"}
 
 
 def test_a_single_candidate_is_never_timed():
     timer = FakeTimer({"a": 1.0})
     with _tuning.autotuning():
         assert _tuning.pick(("k",), ["a"], timer.launch, timer) == "a"
-    assert timer.timed == [] and _tuning.chosen() == {}
+    assert timer.timed == [] and _tuning.tuned_configs() == {}
 
 
 def test_autotuning_block_restores_the_previous_setting():
@@ -63,6 +64,40 @@ def test_autotuning_block_restores_the_previous_setting():
             assert not _tuning.autotune_enabled()
         assert _tuning.autotune_enabled()
     assert not _tuning.autotune_enabled()
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("op", ["varlen_attention", "cross_attention"])
+def test_tuned_launches_match_the_reference(monkeypatch, device, op):
+    """The launchers under the tuner, on the interpreter with two candidate tiles: every
+    candidate launch (and the final one) writes the whole result, and each kernel is tuned."""
+    from nvlm_kernels.ops import _attention_core
+    from nvlm_kernels.testing import assert_matches_reference, backend_unavailable_reason
+
+    if device != "cpu":
+        pytest.skip("the interpreter stand-in for a card's candidates; GPU runs the real ones")
+    reason = backend_unavailable_reason("triton", op, device, torch.float32)
+    if reason:
+        pytest.skip(reason)
+    import test_cross_attention
+    import test_varlen_attention
+
+    monkeypatch.setattr(_attention_core, "candidates",
+                        lambda *args: ((32, 32, 4, 1), (16, 64, 4, 1)))
+    monkeypatch.setattr(_attention_core, "config_key", lambda *args: ("cpu",))
+    milliseconds = iter([2.0, 1.0] * 3)  # per kernel: the first candidate, then the second
+    monkeypatch.setattr(_tuning, "cuda_time", lambda run: (run(), next(milliseconds))[1])
+    if op == "varlen_attention":
+        inputs = test_varlen_attention.pack([5, 40, 70], [5, 40, 70], 4, 2, 32, torch.float32,
+                                            device, True)
+    else:
+        inputs = test_cross_attention.make_inputs(70, 53, 4, 2, 32, torch.float32, device)
+    with _tuning.autotuning():
+        assert_matches_reference(op, inputs, "triton")
+    picked = {key.split("/")[1]: config for key, config in _tuning.tuned_configs().items()}
+    assert set(picked) == {"fwd", "bwd_dkdv", "bwd_dq"}
+    assert all(config == (16, 64, 4, 1) for config in picked.values())  # the faster one
+    assert next(milliseconds, None) is None  # each kernel timed both candidates once
 
 
 def test_every_alternative_is_a_compile_gate_spec():

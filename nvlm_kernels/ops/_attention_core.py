@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import pick
+from .._tuning import pick
 
 LOG2E = 1.4426950408889634
 
@@ -272,7 +272,7 @@ CONFIGS = {
 }
 
 
-# Alternatives the opt-in tuner (ops/_tuning.py) times against the entry above, where the
+# Alternatives the opt-in tuner (nvlm_kernels/_tuning.py) times against the entry above, where the
 # compile gate left more than one good tile: sm_90, 16-bit, head dim 128 (the ViT's and the LLMs'
 # width), each free of spills on triton 3.6 and 3.9. The compile gate builds them all.
 ALTERNATIVES = {

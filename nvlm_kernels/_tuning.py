@@ -1,13 +1,13 @@
 """Opt-in measurement of a kernel's candidate configurations.
 
 Each attention kernel ships one configuration per (arch, kernel, head dim, operand width), the
-first of its candidates (_attention_core.CONFIGS); a few keys list alternatives
-(_attention_core.ALTERNATIVES), all built by the compile gate. With `NVLM_KERNELS_AUTOTUNE=1`, or
-inside `with autotuning():`, the first launch of each key times every candidate on the real
-inputs and keeps the fastest for the rest of the process: keyed on the kernel, head dim, causal
-or gated, and dtype, never on the total length, so a new pack never re-tunes. `chosen()` says what
-was picked, for the benchmarks to record. Off by default: tuning compiles every candidate, which
-costs seconds per key, and the table's entries are meant to be the winners of a measured run.
+first of its candidates (ops/_attention_core.py: CONFIGS); a few keys list alternatives
+(ALTERNATIVES there), all built by the compile gate. With `NVLM_KERNELS_AUTOTUNE=1`, or inside
+`with autotuning():`, the first launch of each key times every candidate on the real inputs and
+keeps the fastest for the rest of the process. The key is the kernel, head dim, causal or gated,
+and dtype, never the total length, so a new pack never re-tunes. `tuned_configs()` says what was
+picked, for the benchmarks to record. Off by default: tuning compiles every candidate (seconds
+per key), and the table's entries are meant to be the winners of a measured run.
 
 The kernels write their outputs without accumulating into them, so running a launch several
 times while timing leaves the same result. During CUDA graph capture nothing is timed.
@@ -45,7 +45,7 @@ def autotuning(enabled: bool = True) -> Iterator[None]:
         _LOCAL.enabled = previous
 
 
-def chosen() -> dict[str, object]:
+def tuned_configs() -> dict[str, object]:
     """The configuration picked for each tuned key so far, as {"key": config}."""
     return {"/".join(map(str, key)): config for key, config in _CHOSEN.items()}
 
@@ -65,7 +65,7 @@ def cuda_time(launch: Callable[[], None], reps: int = 5) -> float:
 
 
 def pick(key: tuple, candidates: Sequence[Config], launch: Callable[[Config], None],
-         timer: Callable[[Callable[[], None]], float] = cuda_time) -> Config:
+         timer: Callable[[Callable[[], None]], float] | None = None) -> Config:
     """The configuration to launch `key` with: the first candidate, unless tuning is on, in which
     case the fastest under `timer` (measured once per key and process)."""
     if len(candidates) == 1 or not autotune_enabled():
@@ -74,6 +74,7 @@ def pick(key: tuple, candidates: Sequence[Config], launch: Callable[[Config], No
         return _CHOSEN[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return candidates[0]
+    timer = timer or cuda_time
     times = [timer(lambda config=config: launch(config)) for config in candidates]
     best = candidates[times.index(min(times))]
     _CHOSEN[key] = best
