@@ -13,6 +13,14 @@ key head; scores are in log2 units (log2(e) folded into the scale, exp2 in the l
 log-sum-exp is +inf for a row that sees no key, whose output is 0 and whose gradients are 0.
 `gate` (cross-attention) multiplies the attention output per query head; the backward takes
 dO_inner = gate * dO, folded in as an fp32 factor on dO V^T and on P (never a rounded copy of dO).
+
+Masks only where needed: the forward and dQ loops first run the whole key blocks that every
+non-empty row of the query block sees entirely, with no per-row bounds and no key bound (the
+interior of a causal row block, all but the last block of a full sequence, the shared memory
+range of a cross-attention block), then the edge blocks with masks. Empty rows (a cross-attention
+row before any image, rows past a sequence's end) take garbage in the unmasked blocks and are
+zeroed at the end by their empty range, not by their running sum. The varlen dK/dV loop masks
+only when causal; cross-attention's dK/dV always masks (its rows' ranges vary per key block).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ device (clamped to the totals, so bad contents never address outside the tensors
 past its sequence's end exits at once, so the only host-side size is the given max_seqlen.
 
 Forward: online softmax in fp32 (exp2 with log2(e) folded into the scale); causal masks align
-bottom-right (query i of lq sees key j <= i + lk - lq) and key blocks entirely above the diagonal
-are never visited; GQA maps query head h to key head h // (Hq / Hkv) without copying K/V; the
-log-sum-exp of each row is saved (+inf for a row that sees no key, whose output is 0).
+bottom-right (query i of lq sees key j <= i + lk - lq), key blocks entirely above the diagonal
+are never visited and those below it run without masks; GQA maps query head h to key head
+h // (Hq / Hkv) without copying K/V; the log-sum-exp of each row is saved (+inf for a row that
+sees no key, whose output is 0).
 
 Backward: D = rowsum(O * dO) first (a small kernel); then dK/dV in one pass over key blocks
 (each program owns a key block of one key head and loops over the query heads of its GQA group
