@@ -7,6 +7,9 @@ kernel moves (or the FLOPs of useful work), so benchmarks/report.py can turn tim
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -55,6 +58,31 @@ def synchronized(fn, device: str):
         return result
 
     return run
+
+
+def triton_mode(impl: str) -> contextlib.ExitStack:
+    """The settings of a Triton row, for the forward and the backward alike (enter it around
+    the whole step: autograd runs the backward outside the forward's call): "triton_tuned"
+    tunes the configs, "triton_atomic_dq" adds dQ with atomics; "triton" is the shipped form."""
+    stack = contextlib.ExitStack()
+    if impl == "triton_tuned":
+        stack.enter_context(nk.autotuning())
+    if impl == "triton_atomic_dq":
+        stack.enter_context(environment("NVLM_KERNELS_ATOMIC_DQ", "1"))
+    return stack
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 def tune_before_timing(benchmark, impl: str, fn) -> None:

@@ -63,7 +63,7 @@ BENCH_FILES=(benchmarks/test_bench_pixel_shuffle.py benchmarks/test_bench_pixel_
              benchmarks/test_bench_multimodal_embed.py benchmarks/test_bench_train_step.py)
 step benchmarks_ops 120 "$PY" -m pytest -q -p no:cacheprovider "${BENCH_FILES[@]}" \
   "${BENCH_ARGS[@]}" --benchmark-json="$WORK/bench-ops.json"
-step benchmarks_varlen 240 "$PY" -m pytest -q -p no:cacheprovider \
+step benchmarks_varlen 270 "$PY" -m pytest -q -p no:cacheprovider \
   benchmarks/test_bench_varlen_attention.py "${BENCH_ARGS[@]}" --benchmark-json="$WORK/bench-varlen.json"
 step benchmarks_cross 180 "$PY" -m pytest -q -p no:cacheprovider \
   benchmarks/test_bench_cross_attention.py "${BENCH_ARGS[@]}" --benchmark-json="$WORK/bench-cross.json"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import synchronized, tune_before_timing
+from bench_utils import synchronized, triton_mode, tune_before_timing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 
@@ -71,9 +71,9 @@ def make_inputs(name, requires_grad):
 
 
 def implementation(impl, start, end, per_sample):
-    if impl in ("triton", "triton_tuned"):  # the shipped configs, or the tuner's picks
+    if impl.startswith("triton"):  # its variants are settings around the step (triton_mode)
         def run(q, k, v, gate):
-            with nk.use_backend("triton"), nk.autotuning(impl == "triton_tuned"):
+            with nk.use_backend("triton"):
                 return nk.cross_attention(q, k, v, start, end, gate=gate)
         return run
     groups = HQ // HKV
@@ -128,8 +128,13 @@ def test_forward(benchmark, name, impl):
     q, k, v, start, end, gate, per_sample = make_inputs(name, requires_grad=False)
     fn = implementation(impl, start, end, per_sample)
     record(benchmark, name, impl, "forward", useful_flops(start, end))
-    tune_before_timing(benchmark, impl, lambda: fn(q, k, v, gate))
-    out = benchmark(synchronized(lambda: fn(q, k, v, gate), DEVICE))
+
+    def forward():
+        with triton_mode(impl):
+            return fn(q, k, v, gate)
+
+    tune_before_timing(benchmark, impl, forward)
+    out = benchmark(synchronized(forward, DEVICE))
     with nk.use_backend("triton"):
         expected = nk.cross_attention(q, k, v, start, end, gate=gate)
     assert out.shape == q.shape
@@ -146,7 +151,8 @@ def test_forward_backward(benchmark, name, impl):
     record(benchmark, name, impl, "forward+backward", int(3.5 * useful_flops(start, end)))
 
     def step():
-        return torch.autograd.grad(fn(q, k, v, gate), (q, k, v, gate), grad)
+        with triton_mode(impl):
+            return torch.autograd.grad(fn(q, k, v, gate), (q, k, v, gate), grad)
 
     tune_before_timing(benchmark, impl, step)
     grads = benchmark(synchronized(step, DEVICE))

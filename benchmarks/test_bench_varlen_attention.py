@@ -4,7 +4,8 @@ forward+backward, on two realistic packs:
       text), causal; head dim 128 (32 query / 8 key heads) and 64 (14 / 2, Qwen2-0.5B);
   (b) the ViT: 7 tiles x 1024 tokens, non-causal, 25 heads x 128 (InternViT-6B).
 "triton" runs the shipped configurations, "triton_tuned" the tuner's picks among their candidates
-(nk.autotuning; the picks are in the row's extra_info "configs").
+(nk.autotuning; the picks are in the row's extra_info "configs"), "triton_atomic_dq" (backward
+only) adds dQ with atomics from the dK/dV pass instead of a second pass.
 Baselines: a per-sequence SDPA loop, SDPA on a padded batch, torch.nn.attention.varlen.varlen_attn
 and flash_attn_varlen_func where importable, FlexAttention with a document mask built once.
 FLOPs count only unmasked work (report.py turns them into TFLOP/s and % of the bf16 matmul rate).
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels as nk
-from bench_utils import synchronized, tune_before_timing
+from bench_utils import synchronized, triton_mode, tune_before_timing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 
@@ -49,9 +50,9 @@ def make_inputs(pack, requires_grad):
 def implementation(impl, pack):
     lengths, hq, hk, d, causal = PACKS[pack]
     groups = hq // hk
-    if impl in ("triton", "triton_tuned"):  # the shipped configs, or the tuner's picks
+    if impl.startswith("triton"):  # its variants are settings around the step (triton_mode)
         def run(q, k, v, cu, max_len, causal):
-            with nk.use_backend("triton"), nk.autotuning(impl == "triton_tuned"):
+            with nk.use_backend("triton"):
                 return nk.varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal)
         return run
     if impl == "sdpa_loop":
@@ -133,13 +134,18 @@ def test_forward(benchmark, pack, impl):
     fn = implementation(impl, pack)
     lengths, hq, _hk, d, _ = PACKS[pack]
     record(benchmark, pack, impl, "forward", useful_flops(lengths, hq, d, causal))
-    tune_before_timing(benchmark, impl, lambda: fn(q, k, v, cu, max_len, causal))
-    out = benchmark(synchronized(lambda: fn(q, k, v, cu, max_len, causal), "cuda"))
+
+    def forward():
+        with triton_mode(impl):
+            return fn(q, k, v, cu, max_len, causal)
+
+    tune_before_timing(benchmark, impl, forward)
+    out = benchmark(synchronized(forward, "cuda"))
     assert out.shape == q.shape
 
 
 @pytest.mark.parametrize("pack", list(PACKS))
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["triton_atomic_dq"])
 def test_forward_backward(benchmark, pack, impl):
     q, k, v, cu, max_len, causal = make_inputs(pack, requires_grad=True)
     fn = implementation(impl, pack)
@@ -149,7 +155,8 @@ def test_forward_backward(benchmark, pack, impl):
     record(benchmark, pack, impl, "forward+backward", int(3.5 * useful_flops(lengths, hq, d, causal)))
 
     def step():
-        return torch.autograd.grad(fn(q, k, v, cu, max_len, causal), (q, k, v), grad)
+        with triton_mode(impl):
+            return torch.autograd.grad(fn(q, k, v, cu, max_len, causal), (q, k, v), grad)
 
     tune_before_timing(benchmark, impl, step)
     grads = benchmark(synchronized(step, "cuda"))

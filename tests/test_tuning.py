@@ -67,15 +67,18 @@ def test_autotuning_block_restores_the_previous_setting():
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("op", ["varlen_attention", "cross_attention"])
+@pytest.mark.parametrize("op", ["varlen_attention", "varlen_attention+atomic_dq",
+                                "cross_attention"])
 def test_tuned_launches_match_the_reference(monkeypatch, device, op):
     """The launchers under the tuner, on the interpreter with two candidate tiles: every
-    candidate launch (and the final one) writes the whole result, and each kernel is tuned."""
+    candidate launch (and the final one) writes the whole result, also when dQ is accumulated
+    with atomics (each timed launch starts from a zeroed buffer), and each kernel is tuned."""
     from nvlm_kernels.ops import _attention_core
     from nvlm_kernels.testing import assert_matches_reference, backend_unavailable_reason
 
     if device != "cpu":
         pytest.skip("the interpreter stand-in for a card's candidates; GPU runs the real ones")
+    op, _, atomic = op.partition("+")
     reason = backend_unavailable_reason("triton", op, device, torch.float32)
     if reason:
         pytest.skip(reason)
@@ -85,7 +88,10 @@ def test_tuned_launches_match_the_reference(monkeypatch, device, op):
     monkeypatch.setattr(_attention_core, "candidates",
                         lambda *args: ((32, 32, 4, 1), (16, 64, 4, 1)))
     monkeypatch.setattr(_attention_core, "config_key", lambda *args: ("cpu",))
-    milliseconds = iter([2.0, 1.0] * 3)  # per kernel: the first candidate, then the second
+    if atomic:
+        monkeypatch.setenv("NVLM_KERNELS_ATOMIC_DQ", "1")
+    kernels = {"fwd", "bwd_dkdv"} if atomic else {"fwd", "bwd_dkdv", "bwd_dq"}
+    milliseconds = iter([2.0, 1.0] * len(kernels))  # per kernel: the first, then the second
     monkeypatch.setattr(_tuning, "cuda_time", lambda run: (run(), next(milliseconds))[1])
     if op == "varlen_attention":
         inputs = test_varlen_attention.pack([5, 40, 70], [5, 40, 70], 4, 2, 32, torch.float32,
@@ -95,7 +101,7 @@ def test_tuned_launches_match_the_reference(monkeypatch, device, op):
     with _tuning.autotuning():
         assert_matches_reference(op, inputs, "triton")
     picked = {key.split("/")[1]: config for key, config in _tuning.tuned_configs().items()}
-    assert set(picked) == {"fwd", "bwd_dkdv", "bwd_dq"}
+    assert set(picked) == kernels
     assert all(config == (16, 64, 4, 1) for config in picked.values())  # the faster one
     assert next(milliseconds, None) is None  # each kernel timed both candidates once
 

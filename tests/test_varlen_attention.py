@@ -66,6 +66,35 @@ def test_peaked_scores_with_partial_key_blocks(triton_backend, device, causal):
     assert_matches_reference(OP, inputs, triton_backend)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dq_backward(triton_backend, device, causal, monkeypatch):
+    """NVLM_KERNELS_ATOMIC_DQ=1: dQ added with atomics from the dK/dV pass, GQA 2, empty and
+    odd-length sequences, and peaked scores (a key past a sequence's end must add nothing)."""
+    from nvlm_kernels.ops.varlen_attention import atomic_dq_enabled
+
+    monkeypatch.setenv("NVLM_KERNELS_ATOMIC_DQ", "1")
+    assert atomic_dq_enabled()
+    inputs = pack([1, 7, 0, 40, 65], [1, 7, 0, 40, 65], 4, 2, 64, torch.float32, device, causal)
+    assert_matches_reference(OP, inputs, triton_backend)
+    inputs = pack([45, 70], [45, 70], 2, 1, 64, torch.float32, device, causal)
+    inputs.update(q=inputs["q"] + 3.0, k=inputs["k"] - 3.0, softmax_scale=0.5)
+    assert_matches_reference(OP, inputs, triton_backend)
+
+
+def test_atomic_dq_yields_to_torch_determinism(monkeypatch):
+    from nvlm_kernels.ops.varlen_attention import atomic_dq_enabled
+
+    monkeypatch.setenv("NVLM_KERNELS_ATOMIC_DQ", "1")
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not atomic_dq_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.delenv("NVLM_KERNELS_ATOMIC_DQ")
+    assert not atomic_dq_enabled()
+
+
 @pytest.mark.slow
 def test_long_pack(triton_backend, device):
     """The issue's pack {1, 7, 64, 129, 1000} with an empty sequence, causal."""

@@ -149,14 +149,15 @@ def softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2
 @triton.jit
 def dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate, qk_scale_log2,
               GATED: tl.constexpr, MASKED: tl.constexpr, IEEE_DOTS: tl.constexpr):
-    """Add one query block's contribution to a key block's dK (unscaled) and dV."""
+    """Add one query block's contribution to a key block's dK (unscaled) and dV; also returns
+    the tile's dS (for a caller that adds dS K into dQ; unused, the compiler drops it)."""
     p, ds = softmax_backward(q, k, v, grad_out, lse, delta, visible, gate, qk_scale_log2,
                              GATED, MASKED, IEEE_DOTS)
     if GATED:
         p = p * gate
     dv += dot(tl.trans(p.to(grad_out.dtype)), grad_out, IEEE_DOTS)
     dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOTS)
-    return dk, dv
+    return dk, dv, ds
 
 
 @triton.jit

@@ -113,7 +113,6 @@ def _cross_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr
     v = load_rows(v_ptr + kv_head * stride_vh, cols, stride_vt, dims, kv_mask)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    key_block_lo = block_n * BLOCK_N
     first = tl.load(first_ptr + block_n)
     last = tl.load(last_ptr + block_n)
     for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):
@@ -129,7 +128,7 @@ def _cross_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr
                 q_ptr + head * stride_qh, grad_out_ptr + head * stride_doh, lse_ptr + stats,
                 delta_ptr + stats, rows, row_mask, stride_qt, stride_dot, dims, dim_mask)
             visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-            dk, dv = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate,
+            dk, dv, _ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate,
                                qk_scale_log2, GATED, True, IEEE_DOTS)
     store_rows(dk_ptr + kv_head * stride_kh, cols, stride_kt, dims, dk * softmax_scale, kv_mask)
     store_rows(dv_ptr + kv_head * stride_vh, cols, stride_vt, dims, dv, kv_mask)

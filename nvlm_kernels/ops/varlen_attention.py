@@ -14,9 +14,11 @@ sees no key, whose output is 0).
 Backward: D = rowsum(O * dO) first (a small kernel); then dK/dV in one pass over key blocks
 (each program owns a key block of one key head and loops over the query heads of its GQA group
 and the query blocks that see it) and dQ in a second pass over query blocks. Two passes recompute
-Q K^T twice, against atomics on dQ (flash-attention 2's choice) that would make results
-run-to-run nondeterministic and need an fp32 dQ buffer; we keep the deterministic form by
-default. (Measured comparison pending a GPU run; see benchmarks/test_bench_varlen_attention.py.)
+Q K^T and dO V^T twice, against atomics on dQ (flash-attention 2's choice), which make results
+vary run to run in the last bits and need an fp32 dQ buffer (4 bytes x total_q x Hq x d) plus a
+copy. The deterministic form is the default; NVLM_KERNELS_ATOMIC_DQ=1 selects the atomic one
+(the dK/dV pass adds dS K into the fp32 buffer, and the dQ pass is skipped), so that both can be
+measured on a card: the benchmark's "triton" and "triton_atomic_dq" rows. (No GPU run yet.)
 
 The loops themselves (online softmax, softmax backward, dK/dV and dQ accumulation) live in
 _attention_core.py and are shared with cross-attention: this module only turns cu_seqlens and the
@@ -30,6 +32,7 @@ masked, so every d <= 256 works; 64 and 128 need no padding.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -38,7 +41,7 @@ import triton.language as tl
 from .._memory import new_output
 from .._registration import register_varlen_attention
 from ..compile_gate import KernelSpec
-from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel,
+from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dot,
                               delta_spec_signature, dkdv_step, dq_block, head_dim_padded,
                               launch_tuned, load_query_block, load_rows, loop_bounds,
                               shipped_configs, store_rows, unit_last_stride)
@@ -95,11 +98,12 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                          cu_q_ptr, cu_k_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                          stride_vt, stride_vh, stride_dot, stride_doh, total_q, total_k,
-                          head_dim, qk_scale_log2, softmax_scale, GROUP: tl.constexpr,
-                          CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr):
+                          dq_acc_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh, stride_kt,
+                          stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_at,
+                          stride_ah, total_q, total_k, head_dim, qk_scale_log2, softmax_scale,
+                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr):
     block_n = tl.program_id(0)
     sequence = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -121,7 +125,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         # at the block holding the first row that does, and every block is masked (a second,
         # unmasked loop for the rows below the diagonal spilled 368 bytes at d = 128 on sm_90).
         # Non-causal: every row sees every key, no mask (rows past q_len have lse = +inf, so
-        # P = 0; keys past k_len only touch dK/dV rows that are never stored).
+        # P = 0; keys past k_len only touch dK/dV rows that are never stored) -- unless dS goes
+        # into dQ (ATOMIC_DQ), where a key past k_len (K = 0, P possibly inf) would add NaN.
+        masked: tl.constexpr = CAUSAL or ATOMIC_DQ
         m_first = 0
         if CAUSAL:
             m_first = tl.maximum(block_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
@@ -136,11 +142,17 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                     lse_ptr + stats_base, delta_ptr + stats_base, rows, rows < q_len,
                     stride_qt, stride_dot, dims, dim_mask)
                 visible = None
-                if CAUSAL:
+                if masked:
                     row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
                     visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-                dk, dv = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
-                                   qk_scale_log2, False, CAUSAL, IEEE_DOTS)
+                dk, dv, ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
+                                       qk_scale_log2, False, masked, IEEE_DOTS)
+                if ATOMIC_DQ:  # dQ += dS K, in fp32, from every key block (order not fixed)
+                    dq_part = dot(ds.to(k.dtype), k, IEEE_DOTS) * softmax_scale
+                    tl.atomic_add(dq_acc_ptr + q_base * stride_at + head * stride_ah
+                                  + rows[:, None].to(tl.int64) * stride_at + dims[None, :],
+                                  dq_part, mask=(rows < q_len)[:, None] & dim_mask[None, :],
+                                  sem="relaxed")
         store_rows(dk_ptr + k_base * stride_kt + kv_head * stride_kh, cols, stride_kt, dims,
                    dk * softmax_scale, kv_mask)
         store_rows(dv_ptr + k_base * stride_vt + kv_head * stride_vh, cols, stride_vt, dims, dv,
@@ -179,6 +191,14 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
                       BLOCK_M, BLOCK_N, HEAD_DIM, IEEE_DOTS)
         store_rows(dq_ptr + q_base * stride_qt + head * stride_qh, rows, stride_qt, dims,
                    dq * softmax_scale, (rows < q_len)[:, None] & dim_mask[None, :])
+
+
+def atomic_dq_enabled() -> bool:
+    """NVLM_KERNELS_ATOMIC_DQ=1: the backward adds dQ with fp32 atomics from the dK/dV pass
+    instead of a second pass (faster or not: the benchmark's "triton_atomic_dq" rows say), and
+    results vary from run to run in the last bits. Never while torch demands determinism."""
+    return (os.environ.get("NVLM_KERNELS_ATOMIC_DQ") == "1"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def _check_grid(batch: int, heads: int) -> None:
@@ -244,13 +264,19 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))
     scales = (softmax_scale * LOG2E, softmax_scale)
+    atomic_dq = atomic_dq_enabled() and max_seqlen_k > 0
+    dq_acc = torch.empty((total_q, heads, head_dim) if atomic_dq else (0, 1, 1),
+                         dtype=torch.float32, device=q.device)
 
     def launch_dkdv(config):
         block_m, block_n, warps, stages = config
+        if atomic_dq:
+            dq_acc.zero_()  # each launch adds every dS K into it (the tuner launches several)
         _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *strides, total_q,
-            total_k, head_dim, *scales, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages)
+            q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, *strides,
+            dq_acc.stride(0), dq_acc.stride(1), total_q, total_k, head_dim, *scales, **flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, num_warps=warps,
+            num_stages=stages)
 
     def launch_dq(config):
         block_m, block_n, warps, stages = config
@@ -260,9 +286,11 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
             num_warps=warps, num_stages=stages)
 
     if max_seqlen_k:
-        launch_tuned("varlen_attention", causal, q.device, padded, "bwd_dkdv", q.dtype,
-                     launch_dkdv)
-    if max_seqlen_q:
+        launch_tuned("varlen_attention", (causal, atomic_dq), q.device, padded, "bwd_dkdv",
+                     q.dtype, launch_dkdv)
+    if atomic_dq:
+        dq.copy_(dq_acc)
+    elif max_seqlen_q:
         launch_tuned("varlen_attention", causal, q.device, padded, "bwd_dq", q.dtype, launch_dq)
     return dq, dk, dv
 
@@ -289,7 +317,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # - 16-bit: the sm_90 d = 256 dK/dV program at the register limit, 8 bytes (triton 3.9; 0 on
 #   3.6). On triton 3.6 (the GPU environment) the shipped sm_90 d = 128 dK/dV spills 8 bytes
 #   (full) and 16 (causal), 0 on 3.9; its spill-free alternative (32, 64, 8, 2) is in the tuner's
-#   set, for a GPU run to decide between them.
+#   set, for a GPU run to decide between them. With ATOMIC_DQ the 3.6 figure is 32 bytes (the
+#   alternative: 0).
 # - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
 #   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
 _MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8}
@@ -341,24 +370,36 @@ def _specs() -> list[KernelSpec]:
                                          "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                          "stride_vh", "stride_ot", "stride_oh", "head_dim")))
                     continue
-                base = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
-                        "grad_out_ptr": pointer, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-                tail = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", **{s: "i32" for s in (
+                inputs = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
+                          "grad_out_ptr": pointer, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+                offsets = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", **{s: "i32" for s in (
                     "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                    "stride_dot", "stride_doh", "total_q", "total_k", "head_dim")},
-                    "qk_scale_log2": "fp32", "softmax_scale": "fp32",
-                    **{c: "constexpr" for c in constexprs}}
+                    "stride_dot", "stride_doh")}}
+                scalars = {"total_q": "i32", "total_k": "i32", "head_dim": "i32",
+                           "qk_scale_log2": "fp32", "softmax_scale": "fp32",
+                           **{c: "constexpr" for c in constexprs}}
                 aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", "stride_qt", "stride_qh",
                            "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
                            "stride_doh", "head_dim")
-                kernel, outputs = ((_attn_bwd_dkdv_kernel, {"dk_ptr": pointer, "dv_ptr": pointer})
-                                   if kind == "bwd_dkdv" else
-                                   (_attn_bwd_dq_kernel, {"dq_ptr": pointer}))
-                specs.append(KernelSpec(
-                    name, kernel, {**base, **outputs, **tail}, constexprs, num_warps=warps,
-                    num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=_allowed_spills(arch, kind, padded, dtype),
-                    divisible_by_16=aligned + tuple(outputs)))
+                if kind == "bwd_dq":
+                    kernel, variants = _attn_bwd_dq_kernel, [("", constexprs)]
+                    signature = {**inputs, "dq_ptr": pointer, **offsets, **scalars}
+                    aligned += ("dq_ptr",)
+                else:
+                    kernel = _attn_bwd_dkdv_kernel
+                    signature = {**inputs, "dk_ptr": pointer, "dv_ptr": pointer,
+                                 "dq_acc_ptr": "*fp32", **offsets, "stride_at": "i32",
+                                 "stride_ah": "i32", **scalars, "ATOMIC_DQ": "constexpr"}
+                    aligned += ("dk_ptr", "dv_ptr", "dq_acc_ptr", "stride_at", "stride_ah")
+                    variants = [("", {**constexprs, "ATOMIC_DQ": False})]
+                    if width == "16bit" and padded in (64, 128):  # the opt-in atomic dQ
+                        variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True}))
+                for suffix, values in variants:
+                    specs.append(KernelSpec(
+                        name[:-1] + suffix + "]", kernel, signature, values, num_warps=warps,
+                        num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
+                        allowed_spill_bytes=_allowed_spills(arch, kind + suffix, padded, dtype),
+                        divisible_by_16=aligned))
     return specs
 
 
