@@ -282,12 +282,16 @@ CONFIGS = {
 
 
 # Alternatives the opt-in tuner (nvlm_kernels/_tuning.py) times against the entry above, where the
-# compile gate left more than one good tile: sm_90, 16-bit, head dim 128 (the ViT's and the LLMs'
-# width), each free of spills on triton 3.6 and 3.9. The compile gate builds them all.
+# compile gate left more than one good tile: sm_90, 16-bit, head dims 128 (the ViT's and the
+# large LLMs') and 64 (Qwen2-0.5B's), each free of spills on triton 3.6 and 3.9. The compile gate
+# builds them all.
 ALTERNATIVES = {
     ("sm90", "fwd", 128, "16bit"): ((128, 64, 8, 2),),
     ("sm90", "bwd_dkdv", 128, "16bit"): ((32, 64, 8, 2),),
     ("sm90", "bwd_dq", 128, "16bit"): ((128, 64, 8, 2), (128, 32, 8, 2)),
+    ("sm90", "fwd", 64, "16bit"): ((128, 128, 8, 2),),
+    ("sm90", "bwd_dkdv", 64, "16bit"): ((32, 64, 4, 2),),
+    ("sm90", "bwd_dq", 64, "16bit"): ((128, 32, 8, 2),),
 }
 
 
