@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,9 +236,30 @@ def probe_specs() -> list[KernelSpec]:
     ]
 
 
-def run(self_test: bool = False, include_cuda: bool = True) -> list[Report]:
-    specs = (probe_specs() if self_test else []) + shipped_specs()
-    reports = [compile_triton(spec, arch) for spec in specs for arch in spec.archs]
+def _specs(self_test: bool) -> list[KernelSpec]:
+    return (probe_specs() if self_test else []) + shipped_specs()
+
+
+def _compile_job(job: tuple[int, int, bool]) -> Report:
+    """One (spec index, arch) compile in a worker process, which rebuilds the spec list itself:
+    jit functions do not pickle, indices do."""
+    index, arch, self_test = job
+    return compile_triton(_specs(self_test)[index], arch)
+
+
+def run(self_test: bool = False, include_cuda: bool = True,
+        jobs: int | None = None) -> list[Report]:
+    """Compile everything; the Triton specs in `jobs` processes (default: one per core), since
+    each compile is single-threaded and a cold run of the ~250 compiles takes minutes."""
+    specs = _specs(self_test)
+    work = [(index, arch, self_test) for index, spec in enumerate(specs) for arch in spec.archs]
+    jobs = jobs or len(os.sched_getaffinity(0))
+    if jobs > 1:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            reports = list(pool.map(_compile_job, work, chunksize=2))
+    else:
+        reports = [compile_triton(specs[index], arch) for index, arch, _ in work]
     if include_cuda and find_nvcc():
         reports += [r for src in cuda_sources() for arch in ARCHS for r in compile_cuda(src, arch)]
     return reports
@@ -259,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-test", action="store_true", help="also compile the probe kernels")
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc checks of csrc/")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="parallel Triton compiles (default: one per core)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    reports = run(self_test=args.self_test, include_cuda=not args.no_cuda)
+    reports = run(self_test=args.self_test, include_cuda=not args.no_cuda, jobs=args.jobs)
     if args.json:
         print(json.dumps([asdict(r) | {"ok": r.ok} for r in reports], indent=1))
     else:
