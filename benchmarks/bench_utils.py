@@ -87,12 +87,15 @@ def environment(name: str, value: str):
 
 def tune_before_timing(benchmark, impl: str, fn) -> None:
     """For impl "triton_tuned": run fn once untimed, so that the tuner measures its candidates
-    before the timer starts, and record its picks in the row's extra_info."""
+    before the timer starts, and record its picks for this row's op in the row's extra_info
+    (keys name the kernel, arch, head dim, dtype and causal/gated)."""
     if impl != "triton_tuned":
         return
     fn()
     torch.cuda.synchronize()
-    benchmark.extra_info["configs"] = nk.tuned_configs()
+    op = benchmark.extra_info["op"]  # record() ran first
+    benchmark.extra_info["configs"] = {key: config for key, config in nk.tuned_configs().items()
+                                       if key.startswith(op + "/")}
 
 
 def record(benchmark, *, op: str, mode: str, impl: str, device: str, shape: str,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -27,22 +26,24 @@ import torch
 Config = TypeVar("Config")
 
 _CHOSEN: dict[tuple, object] = {}
-_LOCAL = threading.local()
+# Process-wide, not per thread: autograd runs a CUDA backward on its own device thread, which
+# must see the setting of the thread that called backward().
+_ENABLED = [False]
 
 
 def autotune_enabled() -> bool:
-    return getattr(_LOCAL, "enabled", False) or os.environ.get("NVLM_KERNELS_AUTOTUNE") == "1"
+    return _ENABLED[0] or os.environ.get("NVLM_KERNELS_AUTOTUNE") == "1"
 
 
 @contextlib.contextmanager
 def autotuning(enabled: bool = True) -> Iterator[None]:
-    """Tune (or not) the kernels launched in this block, on this thread."""
-    previous = getattr(_LOCAL, "enabled", False)
-    _LOCAL.enabled = enabled
+    """Tune (or not) the kernels launched in this block, forward and backward (process-wide)."""
+    previous = _ENABLED[0]
+    _ENABLED[0] = enabled
     try:
         yield
     finally:
-        _LOCAL.enabled = previous
+        _ENABLED[0] = previous
 
 
 def tuned_configs() -> dict[str, object]:

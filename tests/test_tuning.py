@@ -58,6 +58,18 @@ def test_a_single_candidate_is_never_timed():
     assert timer.timed == [] and _tuning.tuned_configs() == {}
 
 
+def test_autotuning_reaches_other_threads():
+    """autograd runs a CUDA backward on its own device thread: the setting must reach it."""
+    import threading
+
+    seen = []
+    with _tuning.autotuning():
+        worker = threading.Thread(target=lambda: seen.append(_tuning.autotune_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [True]
+
+
 def test_autotuning_block_restores_the_previous_setting():
     with _tuning.autotuning():
         with _tuning.autotuning(False):
