@@ -58,6 +58,12 @@ def store_rows(ptr, rows, stride_t, dims, value, mask):
 
 
 @triton.jit
+def visible_keys(cols, row_lo, row_hi):
+    """(rows, cols) mask: key `cols[j]` lies in row i's range [row_lo[i], row_hi[i])."""
+    return (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+
+
+@triton.jit
 def loop_bounds(row_lo, row_hi, limit):
     """(key_lo, key_hi): the union of the rows' non-empty key ranges (empty: key_lo >= key_hi)."""
     nonempty = row_lo < row_hi
@@ -93,7 +99,7 @@ def attend_block(q, acc, l_i, m_i, k_ptr, v_ptr, stride_kt, stride_vt, start_n, 
     k = load_rows(k_ptr, cols, stride_kt, dims, kv_mask)
     scores = dot(q, tl.trans(k), IEEE_DOTS) * qk_scale_log2
     if MASKED:
-        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        visible = visible_keys(cols, row_lo, row_hi)
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = m_new
@@ -182,7 +188,7 @@ def dq_step(dq, q, grad_out, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, sta
     cols = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
         kv_mask = (cols < key_hi)[:, None] & dim_mask[None, :]
-        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        visible = visible_keys(cols, row_lo, row_hi)
     else:
         kv_mask = dim_mask[None, :]
         visible = None

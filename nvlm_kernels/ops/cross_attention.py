@@ -45,7 +45,7 @@ from ..compile_gate import KernelSpec
 from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dkdv_step,
                               dq_block, head_dim_padded, launch_tuned, load_query_block,
                               load_rows, loop_bounds, shipped_configs, store_rows,
-                              unit_last_stride)
+                              unit_last_stride, visible_keys)
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _cross_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr
             q, grad_out, lse, delta = load_query_block(
                 q_ptr + head * stride_qh, grad_out_ptr + head * stride_doh, lse_ptr + stats,
                 delta_ptr + stats, rows, row_mask, stride_qt, stride_dot, dims, dim_mask)
-            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+            visible = visible_keys(cols, row_lo, row_hi)
             dk, dv, _ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate,
                                qk_scale_log2, GATED, True, IEEE_DOTS)
     store_rows(dk_ptr + kv_head * stride_kh, cols, stride_kt, dims, dk * softmax_scale, kv_mask)

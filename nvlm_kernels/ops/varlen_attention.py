@@ -44,7 +44,8 @@ from ..compile_gate import KernelSpec
 from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dot,
                               delta_spec_signature, dkdv_step, dq_block, head_dim_padded,
                               launch_tuned, load_query_block, load_rows, loop_bounds,
-                              shipped_configs, store_rows, unit_last_stride)
+                              shipped_configs, store_rows, unit_last_stride,
+                              visible_keys)
 
 
 @triton.jit
@@ -144,7 +145,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                 visible = None
                 if masked:
                     row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
-                    visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+                    visible = visible_keys(cols, row_lo, row_hi)
                 dk, dv, ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
                                        qk_scale_log2, False, masked, IEEE_DOTS)
                 if ATOMIC_DQ:  # dQ += dS K, in fp32, from every key block (order not fixed)
