@@ -88,6 +88,7 @@ class LLMConfig:
         _require(self.num_heads % self.num_kv_heads == 0, "llm.num_heads",
                  f"a multiple of num_kv_heads {self.num_kv_heads}", self.num_heads)
         _require(self.head_dim % 2 == 0, "llm.head_dim", "even (RoPE rotates pairs)", self.head_dim)
+        _require(self.num_layers >= 1, "llm.num_layers", ">= 1", self.num_layers)
 
 
 @dataclass

@@ -100,9 +100,9 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
                                  f"({ids_T.numel()}), got shape {tuple(kv_start.shape)}")
         prefill_hooks = model.xattn_hooks(memory, kv_start, kv_end)
         step_hooks = model.xattn_hooks(memory, kv_start[last], kv_end[last])
-    h_TD = model.language_model(model.embed(ids_T, decoder_MD), layout, cache,
-                                before_layer=prefill_hooks)
-    logits_BV = model.language_model.logits(h_TD[last])
+    h_BD = model.language_model(model.embed(ids_T, decoder_MD), layout, cache,
+                                before_layer=prefill_hooks, output_rows=last)
+    logits_BV = model.language_model.logits(h_BD)
 
     stops = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)

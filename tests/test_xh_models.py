@@ -33,7 +33,7 @@ def build(arch: str, gates: float = 0.0, seed: int = 0) -> tuple[NVLM, NVLMProce
     model = NVLM(config)
     model.init_weights()
     with torch.no_grad():
-        for block in model.xattn.values():
+        for block in (model.xattn.values() if model.has_xattn else ()):
             block.attn_gate.fill_(gates)
             block.ffn_gate.fill_(gates)
     return model.eval(), NVLMProcessor.from_config(config)
@@ -130,6 +130,50 @@ def test_packed_equals_each_sample_alone(arch):
             torch.testing.assert_close(packed.logits[start:start + len(sample)], alone.logits,
                                        rtol=1e-5, atol=1e-5)
             start += len(sample)
+
+
+@pytest.mark.parametrize("arch", ["D"] + ARCHS)
+def test_training_forward_runs_the_last_layer_at_the_targets_only(arch):
+    """return_logits=False (the trainer's call) runs the last decoder layer's queries and MLP at
+    the loss targets alone (llm.py docstring); loss and every gradient equal the full forward's."""
+    model, processor = build(arch, gates=0.6, seed=5)
+    model.double().train()
+    samples = [processor(conversation("first?", "12"), images=[wide_image(2)]),
+               processor([{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]),
+               processor(conversation("third?", "9876"), images=[wide_image(3)])]
+    batch = pack_samples(samples)
+    batch = dataclasses.replace(batch, pixel_values=batch.pixel_values.double())
+    mlp_rows = []
+    last_mlp = model.language_model.model.layers[-1].mlp
+    hook = last_mlp.register_forward_hook(lambda module, args, out: mlp_rows.append(len(out)))
+    results = []
+    try:
+        for return_logits in (True, False):
+            model.zero_grad(set_to_none=True)
+            out = model(batch.input_ids, batch.pixel_values, batch.labels,
+                        cu_seqlens=batch.cu_seqlens, xattn=batch.xattn,
+                        return_logits=return_logits)
+            out.loss.backward()
+            results.append((out.loss.detach(), out.num_label_tokens,
+                            {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}))
+    finally:
+        hook.remove()
+    assert mlp_rows == [len(batch), results[1][1]] and 0 < results[1][1] < len(batch)
+    (full_loss, full_count, full_grads), (loss, count, grads) = results
+    assert count == full_count
+    torch.testing.assert_close(loss, full_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_causal_key_ranges_skip_empty_samples():
+    layout = PackedLayout(torch.tensor([0, 3, 3, 7, 7, 8], dtype=torch.int32),
+                          torch.zeros(8, dtype=torch.long), 4)
+    start, end = layout.causal_key_ranges(torch.tensor([0, 2, 3, 6, 7]))
+    assert start.tolist() == [0, 0, 3, 3, 7] and end.tolist() == [1, 3, 4, 7, 8]
+    assert start.dtype == end.dtype == torch.int32
 
 
 @pytest.mark.parametrize("arch", ARCHS)
