@@ -252,19 +252,21 @@ class NVLM(nn.Module):
                 kv_start = packed(xattn.kv_start, "xattn.kv_start")
                 kv_end = packed(xattn.kv_end, "xattn.kv_end")
             hooks = self.xattn_hooks(memory_MD, kv_start, kv_end)
-        targets_T = target_rows = None
+        targets_T = has_target = target_rows = None
+        count = 0
         if labels is not None:
             targets_T = next_token_targets(packed(labels, "labels"), layout.cu_seqlens)
             has_target = targets_T != IGNORE_INDEX
-            if not return_logits and bool(has_target.any()):
+            count = int(has_target.sum())
+            if not return_logits and count:
                 # Only the targets' hidden states are read: the last layer runs there alone.
                 target_rows = has_target.nonzero().squeeze(1)
         with nvtx_range("decoder"):   # (T, D), or (R, D) at the target rows alone
             h = self.language_model(h_TD, layout, before_layer=hooks, output_rows=target_rows)
 
-        loss, count = None, 0
+        loss = None
         if targets_T is not None:
-            loss, count = self._next_token_loss(h, targets_T, target_rows)
+            loss = self._next_token_loss(h, targets_T, has_target, count, target_rows is not None)
 
         logits = None
         if return_logits:
@@ -276,19 +278,16 @@ class NVLM(nn.Module):
                 logits[scatter_back] = logits_TV
         return NVLMOutput(logits=logits, loss=loss, num_label_tokens=count)
 
-    def _next_token_loss(self, h: torch.Tensor, targets_T: torch.Tensor,
-                         target_rows: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over the positions with a target; h holds every position (T, D)
-        or, when target_rows is given, those positions alone, in order."""
-        has_target = targets_T != IGNORE_INDEX
-        count = int(has_target.sum())
+    def _next_token_loss(self, h: torch.Tensor, targets_T: torch.Tensor, has_target: torch.Tensor,
+                         count: int, at_targets_only: bool) -> torch.Tensor:
+        """Mean cross-entropy over the `count` positions with a target; h holds every position
+        (T, D), or with at_targets_only those positions alone, in order."""
         if count == 0:
             # Keep the graph connected so every rank of a data-parallel run calls backward.
-            return h.sum() * 0.0, 0
+            return h.sum() * 0.0
         # Only positions with a target go through the output projection.
-        logits = self.language_model.logits(h if target_rows is not None else h[has_target])
-        loss = F.cross_entropy(logits.float(), targets_T[has_target])
-        return loss, count
+        logits = self.language_model.logits(h if at_targets_only else h[has_target])
+        return F.cross_entropy(logits.float(), targets_T[has_target])
 
 
 def next_token_targets(labels_T: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

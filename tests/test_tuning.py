@@ -4,6 +4,8 @@ can pick is one the compile gate builds."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -60,8 +62,6 @@ def test_a_single_candidate_is_never_timed():
 
 def test_autotuning_reaches_other_threads():
     """autograd runs a CUDA backward on its own device thread: the setting must reach it."""
-    import threading
-
     seen = []
     with _tuning.autotuning():
         worker = threading.Thread(target=lambda: seen.append(_tuning.autotune_enabled()))

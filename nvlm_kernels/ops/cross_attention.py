@@ -318,9 +318,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start:
 # compile gate: every shipped config x head dim x dtype, gated (the superset of the ungated
 # programs: a load and a multiply more), for the arch it is meant for
 
-# Spills: none in the 16-bit programs on triton 3.9 (2026-11-27), the gate's version. On triton 3.6
-# (the GPU environment; not allowances) the sm_90 d = 128 and sm_80 d = 64 dK/dV spill 8 bytes. fp32 (IEEE dots) is for correctness checks and
-# spills as for varlen attention.
+# Spills: none in the 16-bit programs on triton 3.9 (2026-11-27), the gate's version. On triton
+# 3.6 (the GPU environment; recorded, not allowances) the sm_90 d = 128 and sm_80 d = 64 dK/dV
+# spill 8 bytes. fp32 (IEEE dots) is for correctness checks and spills as for varlen attention.
 _MEASURED_SPILLS_16BIT: dict[tuple[str, str, int], int] = {}
 _MEASURED_SPILLS_FP32 = 10 * 1024 + 512
 
