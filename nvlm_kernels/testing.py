@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -112,10 +112,11 @@ def _cast_inputs(inputs: dict[str, Any], dtype: torch.dtype | None) -> tuple[dic
 
 
 def _run(op: str, inputs: dict[str, Any], differentiable: list[str], backend: str,
-         grad_out: torch.Tensor | None, poison: bool = False):
+         grad_out: torch.Tensor | None, poison: bool = False,
+         function: Callable[..., torch.Tensor] | None = None):
     context = poisoned_outputs() if poison else contextlib.nullcontext()
     with use_backend(backend), context:
-        out = getattr(functional, op)(**inputs)
+        out = (function or getattr(functional, op))(**inputs)
         if grad_out is None:
             return out, {}
         tensors = [inputs[name] for name in differentiable]
@@ -124,8 +125,13 @@ def _run(op: str, inputs: dict[str, Any], differentiable: list[str], backend: st
 
 
 def compare_with_reference(op: str, inputs: dict[str, Any], backend: str,
-                           check_grads: bool = True, seed: int = 0) -> Comparison:
-    """Measure `backend` against reference.py in float64 on `inputs` (kwargs of the public op)."""
+                           check_grads: bool = True, seed: int = 0,
+                           function: Callable[..., torch.Tensor] | None = None) -> Comparison:
+    """Measure `backend` against reference.py in float64 on `inputs` (kwargs of the public op).
+
+    `function`, if given, is measured instead of the op (with `backend` as its label): an outside
+    implementation taking the op's keyword arguments, e.g. flash-attention, whose error on the
+    same inputs is the yardstick for a kernel's."""
     sample = next(v for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
     dtype = sample.dtype
 
@@ -141,7 +147,8 @@ def compare_with_reference(op: str, inputs: dict[str, Any], backend: str,
         ref_grads = {}
 
     test_inputs, _ = _cast_inputs(inputs, None)
-    out, grads = _run(op, test_inputs, differentiable, backend, grad_out, poison=True)
+    out, grads = _run(op, test_inputs, differentiable, "torch" if function else backend, grad_out,
+                      poison=function is None, function=function)
 
     # the reference in the inputs' own dtype: the dtype/device every result must have, and for
     # fp16/bf16 the error that the dtype itself forces
