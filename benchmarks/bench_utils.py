@@ -1,8 +1,9 @@
-"""Shared helpers of the benchmarks: each backend of an op against eager PyTorch at NVLM's real
-shapes, timed in the same run (pytest-benchmark). `extra_info` records the bytes an ideal fused
-kernel moves (or the FLOPs of useful work), so benchmarks/report.py can turn times into GB/s,
-% of the measured ceiling and speed-up vs eager. Run: pytest benchmarks  (add
---benchmark-disable for a one-round smoke run).
+"""Shared helpers of the pytest benchmarks: each backend of an op against eager PyTorch at NVLM's
+real shapes (benchmarks/cases.py), timed in the same run (pytest-benchmark). `extra_info` records
+the bytes an ideal fused kernel moves (or the FLOPs of useful work) for turning times into GB/s
+or TFLOP/s. Run: pytest benchmarks  (add --benchmark-disable for a one-round smoke run). These
+rows are wall-clock around a synchronize; the one-shot GPU check (gpu_check.py) times the same
+cases with CUDA graphs and is what the README quotes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
+from cases import memory_cases
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLEMENTATIONS = ["eager", "native", "triton"]
@@ -36,6 +38,23 @@ def require_implementation(impl: str, op: str, device: str) -> None:
     reason = backend_unavailable_reason(impl, op, device, bench_dtype(device))
     if reason:
         pytest.skip(reason)
+
+
+def bench_memory_op(benchmark, op: str, impl: str, device: str, mode: str):
+    """Time one memory-bound op (cases.memory_cases, NVLM's shapes) on `impl` ("eager" or a
+    backend) in `mode` ("forward" or "forward+backward"); returns (result, inputs)."""
+    require_implementation(impl, op, device)
+    case = next(c for c in memory_cases("real", device) if c.op == op)
+    dtype = bench_dtype(device)
+    args = case.inputs(device, dtype, mode != "forward")
+    fn = case.eager if impl == "eager" else on_backend(impl, case.kernel)
+    record(benchmark, op=op, mode=mode, impl=impl, device=device, shape=case.shape,
+           nbytes=case.bytes(dtype)[mode])
+    if mode == "forward":
+        return benchmark(synchronized(lambda: fn(*args), device)), args
+    wrt = [args[i] for i in case.grad_inputs]
+    grad = torch.randn_like(fn(*args))
+    return benchmark(synchronized(lambda: torch.autograd.grad(fn(*args), wrt, grad), device)), args
 
 
 def on_backend(name: str, fn):
