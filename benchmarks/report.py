@@ -132,18 +132,19 @@ def render(rows: list[dict]) -> str:
 
     timed = speed_rows(rows)
     out += ["", "## Speed (GPU time per call; rate of useful work; % of the measured ceiling)", "",
-            "| op | mode | shape | impl | GPU ms | method | rate | % ceil | host ms | speed-up |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| op | mode | shape | dtype | impl | GPU ms | method | rate | % ceil | host ms | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in timed:
         pct = f"{r['pct_ceiling']:.0f}%" if "pct_ceiling" in r else "-"
         speedup = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("speedup", {}).items()) or "-"
-        out.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['impl']} | {r['gpu_ms']:.3f} "
+        out.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r.get('dtype', '-')} | "
+                   f"{r['impl']} | {r['gpu_ms']:.3f} "
                    f"| {r['method']} | {_rate(r)} | {pct} | {r.get('host_ms', 0):.3f} | "
                    f"{speedup} |")
     for r in rows:
         if r["kind"] == "time" and "gpu_ms" not in r:
             out.append(f"| {r.get('op')} | {r.get('mode', '-')} | {r.get('shape')} | "
-                       f"{r.get('impl')} | - | - | - | - | - | "
+                       f"{r.get('dtype', '-')} | {r.get('impl')} | - | - | - | - | - | "
                        f"**{(r.get('error') or 'unavailable: ' + str(r.get('unavailable')))[:160]}** |")
 
     out += ["", "## Targets", ""] + [f"- {line}" for line in targets(timed)]

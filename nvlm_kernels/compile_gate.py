@@ -38,6 +38,21 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Query heads per KV head in the models' decoders and X-attn layers (Qwen2-0.5B 14/2 = 7,
+# NVLM-D-72B 64/8 = 8, ...).
+GQA_GROUPS = (2, 4, 7, 8)
+
+
+def gqa_groups(arch: str, width: str, index: int, padded: int) -> tuple[int, ...]:
+    """The GROUP values to compile for one attention config: 1 always, and GQA_GROUPS for the
+    shipped (first) sm_90 16-bit configs at head dims 64 and 128. GROUP changes only a head
+    loop's trip count and a division, so the shipped tiles of the one arch that runs these
+    models prove that the specializations build, without multiplying the gate's compiles."""
+    if arch == "sm90" and width == "16bit" and index == 0 and padded in (64, 128):
+        return (1,) + GQA_GROUPS
+    return (1,)
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One compiled variant of a Triton kernel, as it ships (one autotune config, one key)."""
@@ -49,7 +64,9 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     archs: tuple[int, ...] = ARCHS
-    expects_wgmma: bool = False  # attention dots must lower to wgmma on sm_90
+    expects_wgmma: bool = False  # attention dots must lower to wgmma on sm_90, every one
+    # dots that may stay mma.sync on sm_90 (M < 64 per warpgroup); nonzero only with a comment
+    allowed_non_wgmma_dots: int = 0
     allowed_spill_bytes: int = 0  # nonzero only with a comment at the spec giving the measurement
     # Arguments that the launch specializes as multiples of 16 in the common case (16-byte
     # aligned pointers, sizes such as C = 3200): compiled with that hint, as triton's JIT would.
@@ -66,6 +83,8 @@ class Report:
     spill_bytes: int | None = None
     shared_bytes: int | None = None
     uses_wgmma: bool | None = None
+    dots: int | None = None            # tl.dot ops in the kernel (TTIR)
+    non_wgmma_dots: int | None = None  # of them, left as mma.sync on sm_90 (TTGIR tt.dot)
     widest_access_bits: int | None = None  # widest global load/store in the PTX
     problems: list[str] = field(default_factory=list)
 
@@ -115,14 +134,19 @@ def compile_triton(spec: KernelSpec, arch: int) -> Report:
     # Triton allocates its shared memory dynamically: metadata.shared is what a launch requests.
     report.shared_bytes = max(int(compiled.metadata.shared), int(match.group(3)))
     report.uses_wgmma = "wgmma" in compiled.asm["ptx"]
+    report.dots = len(_TT_DOT.findall(compiled.asm["ttir"]))
+    # On sm_90, AccelerateMatmul rewrites each dot it can into ttng.warp_group_dot; a tt.dot
+    # left in the TTGIR lowers to mma.sync (Ampere's instruction, about half the rate)
+    report.non_wgmma_dots = len(_TT_DOT.findall(compiled.asm["ttgir"])) if arch >= 90 else None
     report.widest_access_bits = _widest_global_access(compiled.asm["ptx"])
-    _judge(report, spec.allowed_spill_bytes, spec.expects_wgmma)
+    _judge(report, spec.allowed_spill_bytes, spec.expects_wgmma, spec.allowed_non_wgmma_dots)
     if spec.expects_16_byte_access and report.widest_access_bits < 128:
         report.problems.append(f"global accesses are {report.widest_access_bits}-bit, "
                                f"expected 128-bit vectors")
     return report
 
 
+_TT_DOT = re.compile(r"\btt\.dot\b")
 _PTX_GLOBAL_ACCESS = re.compile(r"(?:ld|st)\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
 
 
@@ -131,7 +155,8 @@ def _widest_global_access(ptx: str) -> int:
     return max(widths, default=0)
 
 
-def _judge(report: Report, allowed_spill_bytes: int, expects_wgmma: bool) -> None:
+def _judge(report: Report, allowed_spill_bytes: int, expects_wgmma: bool,
+           allowed_non_wgmma_dots: int = 0) -> None:
     if report.spill_bytes is not None and report.spill_bytes > allowed_spill_bytes:
         report.problems.append(f"spills {report.spill_bytes} bytes to local memory "
                                f"(allowed {allowed_spill_bytes})")
@@ -141,6 +166,10 @@ def _judge(report: Report, allowed_spill_bytes: int, expects_wgmma: bool) -> Non
                                f"sm_{report.arch} has {limit}")
     if expects_wgmma and report.arch >= 90 and not report.uses_wgmma:
         report.problems.append("its dots do not use wgmma on sm_90")
+    elif (expects_wgmma and report.arch >= 90 and report.non_wgmma_dots is not None
+          and report.non_wgmma_dots > allowed_non_wgmma_dots):
+        report.problems.append(f"{report.non_wgmma_dots} of its {report.dots} dots do not use "
+                               f"wgmma on sm_90 (allowed {allowed_non_wgmma_dots})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +239,8 @@ def shipped_specs() -> list[KernelSpec]:
 
 
 def probe_specs() -> list[KernelSpec]:
-    """Two tiny kernels that exercise the toolchain: a masked copy and a 64x64 fp16 dot."""
+    """Tiny kernels that exercise the toolchain: a masked copy, a 64x64 fp16 dot, and two dots
+    of which only the 64-row one can use wgmma."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -226,7 +256,20 @@ def probe_specs() -> list[KernelSpec]:
         tile = idx[:, None] * BLOCK + idx[None, :]
         tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
 
+    @triton.jit
+    def _probe_narrow_dot_kernel(a_ptr, b_ptr, c_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows, cols = tl.arange(0, ROWS), tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + rows[:, None] * BLOCK + cols[None, :])
+        b = tl.load(b_ptr + cols[:, None] * BLOCK + cols[None, :])
+        c = tl.dot(a, b)                                     # M = ROWS = 16: mma.sync
+        wide = tl.dot(tl.trans(c.to(tl.float16)), a)        # M = BLOCK = 64: wgmma
+        tl.store(c_ptr + cols[:, None] * BLOCK + cols[None, :], wide)
+
     return [
+        # one dot of two stays mma.sync on sm_90: proves the gate counts per dot (not judged)
+        KernelSpec("probe_narrow_dot", _probe_narrow_dot_kernel,
+                   {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "ROWS": "constexpr",
+                    "BLOCK": "constexpr"}, {"ROWS": 16, "BLOCK": 64}),
         KernelSpec("probe_copy", _probe_copy_kernel,
                    {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
                    {"BLOCK": 1024}),
@@ -269,7 +312,10 @@ def format_table(reports: list[Report]) -> str:
     lines = [f"{'kernel':<48} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>8} {'wgmma':>6} "
              f"{'vec':>4}  verdict"]
     for r in reports:
-        wgmma = "-" if r.uses_wgmma is None else ("yes" if r.uses_wgmma else "no")
+        # wgmma column on sm_90: dots lowered to wgmma / all dots
+        wgmma = ("-" if r.uses_wgmma is None or not r.dots else
+                 f"{r.dots - r.non_wgmma_dots}/{r.dots}" if r.non_wgmma_dots is not None else
+                 ("yes" if r.uses_wgmma else "no"))
         verdict = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
         lines.append(f"{r.name[:48]:<48} {'sm_' + str(r.arch):>5} {str(r.registers):>5} "
                      f"{str(r.spill_bytes):>6} {str(r.shared_bytes):>8} {wgmma:>6} "

@@ -44,7 +44,7 @@ def test_every_shipped_spec_is_compiled_for_its_archs(triton_reports):
             assert (spec.name, arch) in compiled, f"{spec.name} was not compiled for sm_{arch}"
     for arch in compile_gate.ARCHS:
         assert any(arch in spec.archs for spec in specs), f"no shipped kernel for sm_{arch}"
-        for probe in ("probe_copy", "probe_dot"):
+        for probe in ("probe_copy", "probe_dot", "probe_narrow_dot"):
             assert (probe, arch) in compiled
 
 
@@ -57,12 +57,30 @@ def test_probe_kernels_report_real_resource_usage(triton_reports):
         assert dot["shared_bytes"] > 0    # ... a 64x64 dot stages its operands there
     assert by_key[("probe_dot", 90)]["uses_wgmma"]
     assert not by_key[("probe_dot", 80)]["uses_wgmma"]
+    # per dot, not "wgmma somewhere in the PTX": of the narrow probe's two dots, the 16-row one
+    # stays mma.sync on sm_90
+    assert (by_key[("probe_dot", 90)]["dots"], by_key[("probe_dot", 90)]["non_wgmma_dots"]) == (1, 0)
+    narrow = by_key[("probe_narrow_dot", 90)]
+    assert narrow["uses_wgmma"] and (narrow["dots"], narrow["non_wgmma_dots"]) == (2, 1)
+
+
+def test_gqa_specializations_are_compiled(triton_reports):
+    """The decoders launch GROUP > 1 (Qwen2-0.5B 7, NVLM-D-72B 8): each attention pass is
+    compiled for the GQA group sizes on sm_90, with every dot on wgmma."""
+    compiled = {r["name"]: r for r in triton_reports if r["arch"] == 90}
+    for op in ("varlen_attention", "cross_attention"):
+        for group in compile_gate.GQA_GROUPS:
+            names = [n for n in compiled if n.startswith(op) and n.endswith(f",gqa{group}]")]
+            kinds = {n.split("[")[0].rsplit("_", 1)[-1] for n in names}
+            assert {"fwd", "dkdv", "dq"} <= kinds, (op, group, names)
+            assert all(compiled[n]["ok"] and compiled[n]["non_wgmma_dots"] == 0 for n in names)
 
 
 @pytest.mark.parametrize("report,problem", [
     (Report("k", 90, "triton", 64, 16, 0, True), "spills 16 bytes"),
     (Report("k", 80, "triton", 64, 0, 200 * 1024, False), "sm_80 has 166912"),
     (Report("k", 90, "triton", 64, 0, 1024, False), "do not use wgmma"),
+    (Report("k", 90, "triton", 64, 0, 1024, True, dots=4, non_wgmma_dots=2), "2 of its 4 dots"),
 ])
 def test_gate_rejects_spills_shared_memory_and_missing_wgmma(report, problem):
     compile_gate._judge(report, allowed_spill_bytes=0, expects_wgmma=True)

@@ -86,14 +86,16 @@ def test_report_renders_speed_ups_targets_and_a_torn_last_line(tmp_path):
         {"kind": "plan", "date": "2026-11-28", "dry_run": False},
         {"kind": "ceiling", "copy_gbs": 4000.0, "matmul_tflops": 800.0, "matmul_dtype": "bf16"},
         {"kind": "time", "op": "pixel_shuffle", "mode": "forward", "shape": "s", "impl": "eager",
+         "dtype": "bf16",
          "gpu_ms": 0.06, "method": "graph", "bytes": 200_000_000, "host_ms": 0.02},
         {"kind": "time", "op": "pixel_shuffle", "mode": "forward", "shape": "s", "impl": "triton",
+         "dtype": "bf16",
          "gpu_ms": 0.05, "method": "graph", "bytes": 200_000_000, "host_ms": 0.04},
     ]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "time", "op"')
     text = report.render(report.load(path))
-    assert "| pixel_shuffle | forward | s | triton | 0.050 | graph | 4000 GB/s | 100% |" in text
+    assert "| pixel_shuffle | forward | s | bf16 | triton | 0.050 | graph | 4000 GB/s | 100% |" in text
     assert "1.20x eager" in text
     assert "pixel_shuffle forward s (triton): >= 85% of the ceiling: 100%, met" in text
 

@@ -301,6 +301,18 @@ ALTERNATIVES = {
 }
 
 
+def narrow_dots(arch: str, kind: str, block_m: int, width: str, atomic_dq: bool = False) -> int:
+    """How many of a program's dots stay mma.sync on sm_90, the compile gate's allowance. wgmma
+    needs M >= 64 rows per warpgroup; the dK/dV pass computes S = Q K^T and dP = dO V^T (and,
+    with atomic dQ, dS K) with M = BLOCK_M rows, so BLOCK_M = 32 (the shipped d = 256 tile and the
+    BLOCK_M = 32 tuner candidates) leaves those 2 (3) of its 4 (5) dots on mma.sync, as the gate
+    measured on triton 3.9 (2026-11-28). Computing the transposed products (S^T = K Q^T) would
+    put BLOCK_N rows on M instead."""
+    if arch != "sm90" or width != "16bit" or kind != "bwd_dkdv" or block_m >= 64:
+        return 0
+    return 3 if atomic_dq else 2
+
+
 def shipped_configs() -> Iterator[tuple[tuple[str, str, int, str], int, tuple[int, int, int, int]]]:
     """(key, index, config) of every configuration a launch can use: index 0 is the table's,
     1... its alternatives. The compile gate builds each."""

@@ -40,11 +40,11 @@ import triton.language as tl
 
 from .._memory import new_output
 from .._registration import register_varlen_attention
-from ..compile_gate import KernelSpec
+from ..compile_gate import KernelSpec, gqa_groups
 from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dot,
                               delta_spec_signature, dkdv_step, dq_block, head_dim_padded,
                               launch_tuned, load_query_block, load_rows, loop_bounds,
-                              shipped_configs, store_rows, unit_last_stride,
+                              narrow_dots, shipped_configs, store_rows, unit_last_stride,
                               visible_keys)
 
 
@@ -322,16 +322,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 #   (full) and 16 (causal), 0 on 3.9; its spill-free alternative (32, 64, 8, 2) is in the tuner's
 #   set, for a GPU run to decide between them. With ATOMIC_DQ the 3.6 figure is 32 bytes (the
 #   alternative: 0).
+# - 16-bit GQA (GROUP > 1, first compiled 2026-11-28): the sm_90 d = 128 dK/dV program, whose
+#   head loop carries the group's accumulators, reaches 255 registers and spills 64 bytes (GROUP
+#   = 1: 251, none) on triton 3.9. The 72B decoder (GQA 8) runs it; the GPU run times it against
+#   the (32, 64, 8, 2) candidate (161 registers, no spills, two dots on mma.sync).
 # - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
 #   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
-_MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8}
+_MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8, ("sm90", "bwd_dkdv", 128, "gqa"): 64}
 _MEASURED_SPILLS_FP32 = 10 * 1024 + 512
 
 
-def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str) -> int:
+def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str, group: int = 1) -> int:
     if dtype == "fp32":
         return _MEASURED_SPILLS_FP32
-    return _MEASURED_SPILLS_16BIT.get((arch, kernel, padded), 0)
+    return _MEASURED_SPILLS_16BIT.get((arch, kernel, padded) + (("gqa",) if group > 1 else ()), 0)
 
 
 def _specs() -> list[KernelSpec]:
@@ -348,61 +352,68 @@ def _specs() -> list[KernelSpec]:
         alt = f",alt{index}" if index else ""
         if width == "fp32" and padded < 64:
             continue  # the d = 16/32 fp32 entries repeat the d = 64 one
-        for causal in (False, True):
-            for dtype in (("bf16",) if width == "16bit" else ("fp32",)):  # fp16 lowers like bf16
-                pointer = f"*{dtype}"
-                name = (f"varlen_attention_{kind}[{arch},d={padded},"
-                        f"{'causal' if causal else 'full'},{dtype}{alt}]")
-                constexprs = {"GROUP": 1, "CAUSAL": causal, "HEAD_DIM": padded, "BLOCK_M": block_m,
-                              "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
-                arch_number = 90 if arch == "sm90" else 80
-                if kind == "fwd":
-                    signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
-                                 "out_ptr": pointer, "lse_ptr": "*fp32", "cu_q_ptr": "*i32",
-                                 "cu_k_ptr": "*i32", **{s: "i32" for s in (
-                                     "stride_qt", "stride_qh", "stride_kt", "stride_kh",
-                                     "stride_vt", "stride_vh", "stride_ot", "stride_oh",
-                                     "total_q", "total_k", "head_dim")},
-                                 "qk_scale_log2": "fp32",
-                                 **{c: "constexpr" for c in constexprs}}
-                    specs.append(KernelSpec(
-                        name, _attn_fwd_kernel, signature, constexprs, num_warps=warps,
-                        num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                        allowed_spill_bytes=_allowed_spills(arch, "fwd", padded, dtype),
-                        divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qt",
-                                         "stride_qh", "stride_kt", "stride_kh", "stride_vt",
-                                         "stride_vh", "stride_ot", "stride_oh", "head_dim")))
-                    continue
-                inputs = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
-                          "grad_out_ptr": pointer, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-                offsets = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", **{s: "i32" for s in (
-                    "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                    "stride_dot", "stride_doh")}}
-                scalars = {"total_q": "i32", "total_k": "i32", "head_dim": "i32",
-                           "qk_scale_log2": "fp32", "softmax_scale": "fp32",
-                           **{c: "constexpr" for c in constexprs}}
-                aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", "stride_qt", "stride_qh",
-                           "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
-                           "stride_doh", "head_dim")
-                if kind == "bwd_dq":
-                    kernel, variants = _attn_bwd_dq_kernel, [("", constexprs)]
-                    signature = {**inputs, "dq_ptr": pointer, **offsets, **scalars}
-                    aligned += ("dq_ptr",)
-                else:
-                    kernel = _attn_bwd_dkdv_kernel
-                    signature = {**inputs, "dk_ptr": pointer, "dv_ptr": pointer,
-                                 "dq_acc_ptr": "*fp32", **offsets, "stride_at": "i32",
-                                 "stride_ah": "i32", **scalars, "ATOMIC_DQ": "constexpr"}
-                    aligned += ("dk_ptr", "dv_ptr", "dq_acc_ptr", "stride_at", "stride_ah")
-                    variants = [("", {**constexprs, "ATOMIC_DQ": False})]
-                    if width == "16bit" and padded in (64, 128):  # the opt-in atomic dQ
-                        variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True}))
-                for suffix, values in variants:
-                    specs.append(KernelSpec(
-                        name[:-1] + suffix + "]", kernel, signature, values, num_warps=warps,
-                        num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                        allowed_spill_bytes=_allowed_spills(arch, kind + suffix, padded, dtype),
-                        divisible_by_16=aligned))
+        dtype = "bf16" if width == "16bit" else "fp32"  # fp16 lowers like bf16
+        # GQA specializations (GROUP > 1) of the causal programs, as the decoders launch them
+        programs = [(False, 1)] + [(True, group) for group in
+                                   gqa_groups(arch, width, index, padded)]
+        for causal, group in programs:
+            pointer = f"*{dtype}"
+            gqa = f",gqa{group}" if group > 1 else ""
+            name = (f"varlen_attention_{kind}[{arch},d={padded},"
+                    f"{'causal' if causal else 'full'},{dtype}{alt}{gqa}]")
+            constexprs = {"GROUP": group, "CAUSAL": causal, "HEAD_DIM": padded, "BLOCK_M": block_m,
+                          "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
+            arch_number = 90 if arch == "sm90" else 80
+            if kind == "fwd":
+                signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
+                             "out_ptr": pointer, "lse_ptr": "*fp32", "cu_q_ptr": "*i32",
+                             "cu_k_ptr": "*i32", **{s: "i32" for s in (
+                                 "stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                 "stride_vt", "stride_vh", "stride_ot", "stride_oh",
+                                 "total_q", "total_k", "head_dim")},
+                             "qk_scale_log2": "fp32",
+                             **{c: "constexpr" for c in constexprs}}
+                specs.append(KernelSpec(
+                    name, _attn_fwd_kernel, signature, constexprs, num_warps=warps,
+                    num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
+                    allowed_spill_bytes=_allowed_spills(arch, "fwd", padded, dtype, group),
+                    divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qt",
+                                     "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+                                     "stride_vh", "stride_ot", "stride_oh", "head_dim")))
+                continue
+            inputs = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
+                      "grad_out_ptr": pointer, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+            offsets = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", **{s: "i32" for s in (
+                "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                "stride_dot", "stride_doh")}}
+            scalars = {"total_q": "i32", "total_k": "i32", "head_dim": "i32",
+                       "qk_scale_log2": "fp32", "softmax_scale": "fp32",
+                       **{c: "constexpr" for c in constexprs}}
+            aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", "stride_qt", "stride_qh",
+                       "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
+                       "stride_doh", "head_dim")
+            if kind == "bwd_dq":
+                kernel, variants = _attn_bwd_dq_kernel, [("", constexprs)]
+                signature = {**inputs, "dq_ptr": pointer, **offsets, **scalars}
+                aligned += ("dq_ptr",)
+            else:
+                kernel = _attn_bwd_dkdv_kernel
+                signature = {**inputs, "dk_ptr": pointer, "dv_ptr": pointer,
+                             "dq_acc_ptr": "*fp32", **offsets, "stride_at": "i32",
+                             "stride_ah": "i32", **scalars, "ATOMIC_DQ": "constexpr"}
+                aligned += ("dk_ptr", "dv_ptr", "dq_acc_ptr", "stride_at", "stride_ah")
+                variants = [("", {**constexprs, "ATOMIC_DQ": False})]
+                if width == "16bit" and padded in (64, 128) and group == 1:  # opt-in atomic dQ
+                    variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True}))
+            for suffix, values in variants:
+                specs.append(KernelSpec(
+                    name[:-1] + suffix + "]", kernel, signature, values, num_warps=warps,
+                    num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
+                    allowed_spill_bytes=_allowed_spills(arch, kind + suffix, padded, dtype,
+                                                        group),
+                    allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width,
+                                                       atomic_dq=bool(suffix)),
+                    divisible_by_16=aligned))
     return specs
 
 
