@@ -16,6 +16,7 @@ counts tiles, not packed rows, and `seq_len` is unused.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -39,14 +40,35 @@ class StageRecipe:
     steps: int
 
     def validate(self) -> "StageRecipe":
+        """Every field in its range (a NaN or negative clip, a zero batch or an infinite learning
+        rate would train garbage without an error); ValueError naming the field otherwise."""
         unknown = sorted(set(self.trained) - set(PARTS))
         if unknown or not self.trained:
             raise ValueError(f"trained: expected a non-empty subset of {PARTS}, got {self.trained}")
-        for name in ("global_batch", "seq_len", "max_tiles", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("global_batch", "seq_len", "max_tiles", "steps", "warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}: expected an integer, got {value!r}")
+            if value < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"{name}: expected >= {0 if name == 'warmup_steps' else 1}, "
+                                 f"got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: expected 0 <= min_lr <= lr = {self.lr}, got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        # clip_grad_norm_ with a bound of 0 zeroes every gradient; negative flips them
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip: expected > 0, got {self.grad_clip}")
+        if (len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
+                                            for b in self.betas)):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
         return self
 
 

@@ -9,7 +9,9 @@ Several processes (FSDP2, one shard unit per ViT/decoder block; gloo on CPU, ncc
     torchrun --nproc_per_node 8 nvlm/train.py --preset 1b --stage sft --data train.jsonl --out runs/1b
 A config file (TOML, or YAML when PyYAML is installed) holds the same keys; command-line flags win:
     python nvlm/train.py --config run.toml            # top-level keys + [[stages]] tables
-Resume a killed run where its last checkpoint left it (same losses as an uninterrupted run):
+Resume a killed run where its last checkpoint left it (same losses as an uninterrupted run); the
+run's own saved configuration is the base, and a flag that would change it is refused unless
+--allow-config-change says so:
     python nvlm/train.py --out runs/sft --resume
 
 A run is a list of stages (NVLM.md section 9: pretrain trains the projector, SFT the projector and
@@ -20,7 +22,11 @@ one process only). Stage flags (--steps, --lr, ...) override every stage of the 
 The run folder (--out) gets: config.json (the resolved run), metrics.jsonl (one line per step),
 checkpoints/ (atomic, the latest two kept), model/ (save_pretrained of the final model),
 loss.png, and summary.json (steps, first/final train loss, eval exact match with the images and with
-blank images, tokens/s, wall seconds).
+blank images, tokens/s, wall seconds). A run holds --out's lock (.lock) while it writes there.
+
+Every flag is checked before anything trains (one line naming it, exit 2); a step whose loss or
+gradient is not finite stops the run (exit 1) before it can overwrite the last good checkpoint.
+`--debug` shows the traceback of a refused input; any other error always shows it.
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from nvlm import recipes  # noqa: E402
-from nvlm.config import NVLMConfig  # noqa: E402
+from nvlm.config import PRESETS, NVLMConfig  # noqa: E402
 from nvlm.data import RowPacker, SampleStream, load_eval_set, parse_data_spec  # noqa: E402
-from nvlm.files import atomic_directory, write_text_atomic  # noqa: E402
+from nvlm.files import RunLock, atomic_directory, remove_temporaries, write_text_atomic  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
 from nvlm.model import IGNORE_INDEX, NVLM, next_token_targets  # noqa: E402
@@ -112,6 +118,8 @@ class TrainConfig:
     max_new_tokens: int = 12
     synth_train: int = 6_000           # samples of the generated synthetic task
     stop_at_step: int | None = None    # end the process after this global step (as if killed)
+    allow_config_change: bool = False  # --resume with settings other than the run's own
+    resume_changes: list[str] = field(default_factory=list)  # what such a resume changed
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     run.add_argument("--log-every", type=int)
     run.add_argument("--eval-n", type=int)
     run.add_argument("--synth-train", type=int, help="samples of the generated synthetic task")
+    run.add_argument("--allow-config-change", action="store_true", default=None,
+                     help="with --resume: continue with settings that differ from the run's own "
+                          "(the losses then differ from an uninterrupted run)")
+    run.add_argument("--debug", action="store_true", help="tracebacks for refused inputs too")
     run.add_argument("--stop-at-step", type=int, help=argparse.SUPPRESS)
     stage = parser.add_argument_group("stage (override every stage of the run)")
     stage.add_argument("--stage", choices=list(recipes.STAGES),
@@ -169,12 +181,17 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def build_config(args: dict[str, Any]) -> TrainConfig:
-    """Defaults < config file < command line; then the stage list."""
+    """Defaults < the run's saved configuration (with --resume) < config file < command line;
+    then the stage list; then every value checked (ValueError naming the flag)."""
     values: dict[str, Any] = {}
     file_stages = None
+    saved = _saved_run_config(args)
+    if saved is not None:
+        file_stages = saved["stages"]
+        values.update({k: v for k, v in saved.items() if k not in _NOT_INHERITED})
     if args.get("config"):
         file_values = _read_config_file(Path(args["config"]))
-        file_stages = file_values.pop("stages", None)
+        file_stages = file_values.pop("stages", file_stages)
         values.update(file_values)
     run_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"stages"}
     values.update({k: v for k, v in args.items() if k in run_fields and v is not None})
@@ -202,9 +219,121 @@ def build_config(args: dict[str, Any]) -> TrainConfig:
     if isinstance(overrides.get("trained"), str):
         overrides["trained"] = tuple(p.strip() for p in overrides["trained"].split(",") if p.strip())
     config.stages = [dataclasses.replace(s, **overrides) for s in stages]
-    for s in config.stages:
-        s.resolve(config.arch, config.preset)        # fail now, not hours into the run
+    validate_config(config)
+    if saved is not None:
+        _check_resume_changes(saved, config)
     return config
+
+
+# Settings of one process, not of the run: never taken from the saved configuration.
+_NOT_INHERITED = {"stages", "resume", "allow_config_change", "resume_changes", "stop_at_step"}
+# Settings that never change what a run computes: free to differ on --resume.
+_RUN_LOCAL = {"out", "resume", "allow_config_change", "resume_changes", "save_every", "log_every",
+              "eval_n", "eval_batch", "max_new_tokens", "stop_at_step"}
+
+
+def _saved_config_path(args: dict[str, Any]) -> Path | None:
+    if not args.get("resume") or not args.get("out"):
+        return None
+    path = Path(args["out"]) / "config.json"
+    return path if path.is_file() else None
+
+
+def _saved_run_config(args: dict[str, Any]) -> dict[str, Any] | None:
+    """The configuration the run in --out was started with (config.json), for --resume."""
+    path = _saved_config_path(args)
+    if path is None:
+        return None
+    try:
+        saved = json.loads(path.read_text())["train"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: {path} is not a run configuration ({err})") from None
+    return saved
+
+
+def _check_resume_changes(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse settings that differ from the run's own (exact continuation) unless
+    --allow-config-change; then record the changes in config.resume_changes."""
+    now = json.loads(json.dumps(config.to_dict()))   # tuples as the saved JSON's lists
+    changes = [f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in now
+               if key not in _RUN_LOCAL | {"stages"} and saved.get(key) != now[key]]
+    before = [(s["name"], s["stage"]) for s in saved["stages"]]
+    after = [(s.name, s.stage) for s in config.stages]
+    if before != after:
+        changes.append(f"stages differ: the run's {before}, now {after}")
+    else:
+        changes += [f"stages[{i}].{key}: {old[key]!r} -> {new[key]!r}"
+                    for i, (old, new) in enumerate(zip(saved["stages"], now["stages"]))
+                    for key in new if old.get(key) != new[key]]
+    if changes and not config.allow_config_change:
+        raise ValueError(f"--resume: these settings differ from the run's own ({'; '.join(changes)}"
+                         "); drop those flags to continue the run exactly, or pass "
+                         "--allow-config-change to continue with the new ones")
+    config.resume_changes = changes
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Every run setting in its range and every path where it must be, before anything is built
+    or trained; ValueError naming the flag."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "stages":
+            _check_type(f"--{f.name.replace('_', '-')}", getattr(config, f.name), f.type)
+    if config.arch not in ("D", "X", "H"):
+        raise ValueError(f"--arch: expected D, X or H, got {config.arch!r}")
+    if config.preset not in PRESETS:
+        raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {config.preset!r}")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu or cuda, got {config.device!r}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use cpu or auto)")
+    for name, low in (("micro_batch", 1), ("save_every", 1), ("log_every", 1), ("eval_n", 0),
+                      ("eval_batch", 1), ("max_new_tokens", 1), ("synth_train", 1)):
+        if getattr(config, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= {low}, "
+                             f"got {getattr(config, name)}")
+    if config.stop_at_step is not None and config.stop_at_step < 1:
+        raise ValueError(f"--stop-at-step: expected >= 1, got {config.stop_at_step}")
+    if config.init is not None and not (Path(config.init) / "config.json").is_file():
+        raise ValueError(f"--init: {config.init!r} is not a checkpoint directory (no config.json)")
+    if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ValueError(f"--out: {config.out!r} exists and is not a directory")
+    if config.image_root is not None and not Path(config.image_root).is_dir():
+        raise ValueError(f"--image-root: {config.image_root!r} is not a directory")
+    if config.eval_data is not None and not Path(config.eval_data).is_file():
+        raise ValueError(f"--eval-data: {config.eval_data!r} is not a file")
+    for spec in {config.data, *(s.data for s in config.stages)} - {None}:
+        parse_data_spec(spec)   # every file of every stage exists, weights are valid
+    for s in config.stages:
+        if not isinstance(s.name, str) or not s.name:
+            raise ValueError(f"stages: every stage needs a name, got {s.name!r}")
+        if s.stage not in recipes.STAGES:
+            raise ValueError(f"stage {s.name!r}: expected one of {recipes.STAGES}, got {s.stage!r}")
+        try:
+            s.resolve(config.arch, config.preset)        # fail now, not hours into the run
+        except (TypeError, ValueError) as err:
+            key, _, why = str(err).partition(": ")
+            flag = f"--{key.replace('_', '-')}" if key in _STAGE_FIELDS else key
+            raise ValueError(f"{flag} (stage {s.name!r}): {why or err}") from None
+
+
+_STAGE_FIELDS = {f.name for f in dataclasses.fields(StageConfig)}
+_SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_type(flag: str, value: Any, annotation: str) -> None:
+    """A config file's value against the field's annotation ("int", "str | None", ...)."""
+    options = [part.strip() for part in str(annotation).split("|")]
+    if value is None and "None" in options:
+        return
+    for option in options:
+        expected = _SIMPLE_TYPES.get(option)
+        if expected is None:
+            return   # a type this check does not cover
+        if isinstance(value, expected) and not (isinstance(value, bool) and option != "bool"):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{flag}: expected a finite number, got {value}")
+            return
+    raise ValueError(f"{flag}: expected {annotation}, got {value!r}")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -268,6 +397,31 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "state.pt").is_file() else None
 
 
+def resumable_checkpoints(out: Path) -> list[Path]:
+    """The kept checkpoints, newest first (the `latest` pointer's first, then by step)."""
+    folders = sorted((p for p in _checkpoint_dir(out).glob("step-*") if p.is_dir()), reverse=True)
+    latest = latest_checkpoint(out)
+    if latest is not None:
+        folders = [latest] + [p for p in folders if p != latest]
+    return folders
+
+
+def read_newest_checkpoint(out: Path, config: TrainConfig, model_config: NVLMConfig
+                           ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads back; an unreadable one (a disk fault, a truncated copy)
+    is passed over for the one before it, with a warning. A readable checkpoint of another run is
+    an error, not something to skip."""
+    for path in resumable_checkpoints(out):
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (torch.load's errors on bad bytes vary widely)
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it",
+                        path, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            continue
+        return path, check_checkpoint(path, state, config, model_config)
+    return None
+
+
 def save_checkpoint(out: Path, world: World, model, optimizer, data, position: dict[str, int],
                     config: TrainConfig, model_config: NVLMConfig,
                     heads: dict[str, Any] | None = None) -> None:
@@ -294,15 +448,18 @@ def save_checkpoint(out: Path, world: World, model, optimizer, data, position: d
     with atomic_directory(folder / name) as tmp:
         torch.save(state, tmp / "state.pt")
     write_text_atomic(folder / "latest", name)
-    kept = sorted(p for p in folder.glob("step-*") if p.is_dir())
-    for old in kept[:-CHECKPOINTS_KEPT]:
+    # Past this step: the abandoned future of a run resumed from an older checkpoint (its newest
+    # did not read back); before it: all but the newest few.
+    kept = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name <= name)
+    stale = [p for p in folder.glob("step-*") if p.is_dir() and p.name > name]
+    for old in kept[:-CHECKPOINTS_KEPT] + stale:
         shutil.rmtree(old, ignore_errors=True)
     world.barrier()
 
 
-def load_checkpoint(path: Path, config: TrainConfig, model_config: NVLMConfig) -> dict[str, Any]:
-    """Read a checkpoint and refuse one from another model or stage plan, saying what differs."""
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+def check_checkpoint(path: Path, state: dict[str, Any], config: TrainConfig,
+                     model_config: NVLMConfig) -> dict[str, Any]:
+    """Refuse a checkpoint from another model or stage plan, saying what differs."""
     problems = []
     if state["model_config"] != model_config.to_dict():
         saved = NVLMConfig.from_dict(state["model_config"]).to_dict()
@@ -366,13 +523,27 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         if keep_until_step is not None and path.is_file():
             with open(path) as f:
-                self.rows = [r for r in map(json.loads, f) if r["step"] <= keep_until_step]
+                rows = [_json_line(line) for line in f]
+            # a line cut by the kill that ended the run (the last one) is dropped
+            self.rows = [r for r in rows if r is not None and r["step"] <= keep_until_step]
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+class RunDiverged(RuntimeError):
+    """A step's loss or gradient norm is not finite: the run stops before saving it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +569,7 @@ def resolve_out_dir(config: TrainConfig, world: World) -> Path:
         stamp = world.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         config.out = f"runs/{config.arch}-{config.preset}-{stamp}"
     out = Path(config.out)
-    if not config.resume and latest_checkpoint(out) is not None:
+    if not config.resume and resumable_checkpoints(out):
         raise ValueError(f"--out {out}: holds checkpoints of an earlier run; pass --resume to "
                          "continue it or choose another --out (nothing is overwritten)")
     return out
@@ -428,18 +599,41 @@ def train(config: TrainConfig) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING,
                         format="%(message)s")
     out = resolve_out_dir(config, world)
-    if world.is_main:
+    lock = None
+    if world.is_main:   # rank 0 holds the folder for the whole job
         out.mkdir(parents=True, exist_ok=True)
-    world.barrier()
-    prepare_data(config, out, world)
+        lock = RunLock(out).acquire()
+        if lock.stale:
+            log.warning("--out %s: taking over the lock of a run that ended without releasing "
+                        "it (%s)", out, lock.stale)
+        for folder in (out, _checkpoint_dir(out)):
+            removed = remove_temporaries(folder)
+            if removed:
+                log.info("removed %d temporaries a killed run left in %s", len(removed), folder)
+    try:
+        world.barrier()
+        return _train(config, world, out, wall_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> dict[str, Any]:
+    prepare_data(config, out, world)
     model, tokenizer = build_model(config, world.device)
     model_config = model.config
     processor = NVLMProcessor(tokenizer, model_config)
-    resume_path = latest_checkpoint(out) if config.resume else None
-    if config.resume and resume_path is None:
-        raise ValueError(f"--resume: {out} has no checkpoint to continue from")
-    resumed = load_checkpoint(resume_path, config, model_config) if resume_path else None
+    found = read_newest_checkpoint(out, config, model_config) if config.resume else None
+    if config.resume and found is None:
+        unreadable = len(resumable_checkpoints(out))
+        raise ValueError(f"--resume: {out} has no checkpoint to continue from"
+                         + (f" ({unreadable} that do not read back)" if unreadable else ""))
+    resume_path, resumed = found if found else (None, None)
+    if config.resume_changes:
+        log.warning("--resume with --allow-config-change: %s", "; ".join(config.resume_changes))
+    stage_recipes = [s.resolve(config.arch, config.preset) for s in config.stages]
+    for stage, recipe in zip(config.stages, stage_recipes):
+        _check_stage_fits(stage, recipe, config, world)
     if world.is_main:
         write_text_atomic(out / "config.json", json.dumps(
             {"train": config.to_dict(), "model": model_config.to_dict()}, indent=2))
@@ -450,7 +644,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         log.info("resumed from %s at global step %d", resume_path,
                  resumed["position"]["global_step"])
 
-    stage_recipes = [s.resolve(config.arch, config.preset) for s in config.stages]
     total_steps = sum(r.steps for r in stage_recipes)
     metrics = MetricsLog(out / "metrics.jsonl",
                          resumed["position"]["global_step"] if resumed else None) \
@@ -468,14 +661,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if resumed and stage_index < resumed["position"]["stage"]:
             continue
         vision = stage.stage == "vision"
-        if vision and world.distributed:
-            raise ValueError(f"stage {stage.name!r}: the vision warm-up runs in one process "
-                             "(its heads live outside the FSDP-sharded model); run it alone "
-                             "first, then --init the sharded run from its model/")
-        rows_per_rank, rem = divmod(recipe.global_batch, world.size)
-        if not vision and (rem or rows_per_rank % config.micro_batch):
-            raise ValueError(f"global_batch {recipe.global_batch}: must split into {world.size} "
-                             f"rank(s) x micro_batch {config.micro_batch} x accumulation")
         recipes.apply_freeze(model, recipe.trained)
         optimizer = build_optimizer(model, recipe)
         specs = parse_data_spec(stage.data or config.data)
@@ -518,6 +703,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             else:
                 loss, tokens, extra = _lm_step(model, data, recipe, config, world, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(clipped, recipe.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(float(_full_value(grad_norm)))):
+                last = latest_checkpoint(out)
+                raise RunDiverged(
+                    f"step {stage_start_global + step + 1} (stage {stage.name!r}): loss {loss}, "
+                    f"gradient norm {float(_full_value(grad_norm))}: not finite. Stopped before "
+                    f"the update; {'the last good state is ' + str(last) if last else 'nothing was saved'}"
+                    ". Lower --lr or --grad-clip, or check the data, then --resume or start over")
             for opt in (optimizer, head_optimizer):
                 if opt is not None:
                     opt.step()
@@ -573,6 +765,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
         print(json.dumps(summary, indent=2))
     world.barrier()
     return summary
+
+
+def _check_stage_fits(stage: StageConfig, recipe: recipes.StageRecipe, config: TrainConfig,
+                      world: World) -> None:
+    """What can only be checked once the world size is known, before any stage trains."""
+    if stage.stage == "vision":
+        if world.distributed:
+            raise ValueError(f"stage {stage.name!r}: the vision warm-up runs in one process "
+                             "(its heads live outside the FSDP-sharded model); run it alone "
+                             "first, then --init the sharded run from its model/")
+        return
+    rows_per_rank, rem = divmod(recipe.global_batch, world.size)
+    if rem or rows_per_rank % config.micro_batch:
+        raise ValueError(f"--global-batch {recipe.global_batch} (stage {stage.name!r}): must "
+                         f"split into {world.size} rank(s) x --micro-batch {config.micro_batch} "
+                         "x accumulation")
 
 
 def _lm_step(model, packer: RowPacker, recipe: recipes.StageRecipe, config: TrainConfig,
@@ -649,11 +857,17 @@ def _full_value(t: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config = parse_args(argv)
         train(config)
-    except ValueError as err:
+    except RunDiverged as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:   # refused input: bad flag, data, checkpoint, folder
+        if "--debug" in argv:
+            raise
+        print(f"error: {err} (--debug shows where)", file=sys.stderr)
         return 2
     return 0
 
