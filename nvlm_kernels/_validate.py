@@ -5,6 +5,11 @@ ordering, key ranges, placeholder counts, id ranges) need a read of the data: th
 CPU tensors, and for GPU tensors only when NVLM_KERNELS_DEBUG=1, because there each check costs a
 device sync (the collator validates packed batches once on the host instead). Every error names
 the argument, what was expected and what was given.
+
+The content checks are custom ops (`nvlm_validate::*`) with an ordered effect, as
+aten::_linalg_check_errors: under torch.compile they stay in the graph without breaking it, are
+not dead-code eliminated although they return nothing, and run on the real tensors; on fake or meta
+tensors they do nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,12 @@ import os
 
 import torch
 
+try:   # effectful custom ops (CustomOpDef.register_effect; private, so probed, not assumed)
+    from torch._library.custom_ops import CustomOpDef
+    from torch._library.effects import EffectType
+except ImportError:
+    CustomOpDef = EffectType = None
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
@@ -22,9 +33,30 @@ MAX_HEAD_DIM = 256
 
 def contents_checked(tensor: torch.Tensor) -> bool:
     """Whether the contents of `tensor` are validated (CPU, or NVLM_KERNELS_DEBUG=1)."""
-    if torch.compiler.is_compiling():
-        return False  # data-dependent checks would break the graph; eager calls check
     return tensor.device.type == "cpu" or os.environ.get("NVLM_KERNELS_DEBUG", "") == "1"
+
+
+# Whether this torch keeps the content checks inside compiled graphs (see the module docstring).
+CHECKS_SURVIVE_COMPILE = EffectType is not None and hasattr(CustomOpDef, "register_effect")
+
+
+def _content_check(name: str):
+    """Turns `check(...) -> None`, which raises on bad contents, into the custom op
+    nvlm_validate::name (see the module docstring). On a torch without effectful custom ops a
+    compiled graph would drop the op as dead code, and a plain call would break the graph: there
+    the check runs in eager calls only, as it did before."""
+    def register(check):
+        if not CHECKS_SURVIVE_COMPILE:
+            def eager_only(*args):
+                if not torch.compiler.is_compiling():
+                    check(*args)
+            return eager_only
+        op = torch.library.custom_op(f"nvlm_validate::{name}", check, mutates_args=())
+        op.register_fake(lambda *args: None)
+        op.register_effect(EffectType.ORDERED)
+        return op
+
+    return register
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -149,18 +181,23 @@ def multimodal_embed_args(input_ids, embed_weight, image_embeds, image_token_id)
         raise ValueError(f"image_token_id = {image_token_id} does not fit the {input_ids.dtype} "
                          f"input_ids [{id_range.min}, {id_range.max}]")
     if contents_checked(input_ids):
-        is_image = input_ids == image_token_id
-        placeholders = int(is_image.sum())
-        if placeholders != image_embeds.shape[0]:
-            raise ValueError(f"input_ids hold {placeholders} image placeholders "
-                             f"(image_token_id = {image_token_id}) but image_embeds has "
-                             f"{image_embeds.shape[0]} rows; they must be equal")
-        text_ids = input_ids[~is_image]
-        vocab = embed_weight.shape[0]
-        if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= vocab):
-            bad = text_ids[(text_ids < 0) | (text_ids >= vocab)][0]
-            raise ValueError(f"input_ids contain id {int(bad)} outside the embedding table "
-                             f"[0, {vocab})")
+        _embed_contents(input_ids, image_token_id, image_embeds.shape[0], embed_weight.shape[0])
+
+
+@_content_check("multimodal_embed_contents")
+def _embed_contents(input_ids: torch.Tensor, image_token_id: int, image_rows: int,
+                    vocab: int) -> None:
+    is_image = input_ids == image_token_id
+    placeholders = int(is_image.sum())
+    if placeholders != image_rows:
+        raise ValueError(f"input_ids hold {placeholders} image placeholders "
+                         f"(image_token_id = {image_token_id}) but image_embeds has "
+                         f"{image_rows} rows; they must be equal")
+    text_ids = input_ids[~is_image]
+    if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= vocab):
+        bad = text_ids[(text_ids < 0) | (text_ids >= vocab)][0]
+        raise ValueError(f"input_ids contain id {int(bad)} outside the embedding table "
+                         f"[0, {vocab})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +235,17 @@ def _softmax_scale(softmax_scale) -> None:
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
 
 
+def _max_seqlen(name: str, value: object, total: int, total_name: str, cu_name: str) -> None:
+    require_int(name, value, minimum=0)
+    # It sizes the Triton grid (7 tokens with max_seqlen 64,000 took 10 s under the interpreter),
+    # and no sequence is longer than all the tokens. An empty pack takes any value: no kernel
+    # runs for it, and the ViT passes its tile length for a batch without tiles.
+    if total and value > total:
+        raise ValueError(f"{name} = {value} exceeds {total_name} = {total}, the number of tokens "
+                         f"of all sequences together; pass the length of the longest sequence "
+                         f"in {cu_name}, at most {total}")
+
+
 def _cu_seqlens(name: str, cu: torch.Tensor, total: int, total_name: str, max_seqlen_name: str,
                 max_seqlen: int, q: torch.Tensor) -> None:
     require_tensor(name, cu)
@@ -208,27 +256,33 @@ def _cu_seqlens(name: str, cu: torch.Tensor, total: int, total_name: str, max_se
         raise ValueError(f"{name} must hold at least one offset (0), got an empty tensor")
     require_same_device("q", q, **{name: cu})
     if contents_checked(cu):
-        offsets = cu.tolist()
-        if offsets[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {offsets[0]}")
-        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-        if any(n < 0 for n in lengths):
-            i = next(i for i, n in enumerate(lengths) if n < 0)
-            raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = "
-                             f"{offsets[i + 1]} < {name}[{i}] = {offsets[i]}")
-        if offsets[-1] != total:
-            raise ValueError(f"{name} must end at {total_name} = {total}, got {offsets[-1]}")
-        longest = max(lengths, default=0)
-        if longest > max_seqlen:
-            raise ValueError(f"{max_seqlen_name} = {max_seqlen} is smaller than the longest "
-                             f"sequence in {name} ({longest})")
+        _cu_seqlens_contents(cu, name, total, total_name, max_seqlen, max_seqlen_name)
+
+
+@_content_check("cu_seqlens_contents")
+def _cu_seqlens_contents(cu: torch.Tensor, name: str, total: int, total_name: str,
+                         max_seqlen: int, max_seqlen_name: str) -> None:
+    offsets = cu.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = "
+                         f"{offsets[i + 1]} < {name}[{i}] = {offsets[i]}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} must end at {total_name} = {total}, got {offsets[-1]}")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{max_seqlen_name} = {max_seqlen} is smaller than the longest "
+                         f"sequence in {name} ({longest})")
 
 
 def varlen_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, causal) -> None:
     _attention_qkv(q, k, v)
-    require_int("max_seqlen_q", max_seqlen_q, minimum=0)
-    require_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    _max_seqlen("max_seqlen_q", max_seqlen_q, q.shape[0], "total_q", "cu_seqlens_q")
+    _max_seqlen("max_seqlen_k", max_seqlen_k, k.shape[0], "total_k", "cu_seqlens_k")
     _softmax_scale(softmax_scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -263,16 +317,19 @@ def cross_attention_args(q, k, v, kv_start, kv_end, softmax_scale, gate) -> None
         elif isinstance(gate, bool) or not isinstance(gate, numbers.Real):
             raise TypeError(f"gate must be None, a number or a tensor, got {type(gate).__name__}")
     if contents_checked(kv_start):
-        if total_q == 0:
-            return
-        start, end = kv_start.long(), kv_end.long()
-        bad = (start < 0) | (end > total_kv)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"key range [kv_start[{i}], kv_end[{i}]) = [{int(start[i])}, "
-                             f"{int(end[i])}) lies outside the memory [0, total_kv = {total_kv})")
-        bad = start > end
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"kv_start[{i}] = {int(start[i])} is greater than kv_end[{i}] = "
-                             f"{int(end[i])}; an empty range has kv_start == kv_end")
+        _kv_range_contents(kv_start, kv_end, total_kv)
+
+
+@_content_check("kv_range_contents")
+def _kv_range_contents(kv_start: torch.Tensor, kv_end: torch.Tensor, total_kv: int) -> None:
+    start, end = kv_start.long(), kv_end.long()
+    bad = (start < 0) | (end > total_kv)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"key range [kv_start[{i}], kv_end[{i}]) = [{int(start[i])}, "
+                         f"{int(end[i])}) lies outside the memory [0, total_kv = {total_kv})")
+    bad = start > end
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"kv_start[{i}] = {int(start[i])} is greater than kv_end[{i}] = "
+                         f"{int(end[i])}; an empty range has kv_start == kv_end")

@@ -74,7 +74,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key head h // (nheads_q / nheads_k)).
         cu_seqlens_q, cu_seqlens_k: `(batch_size + 1,)` int32 offsets: sequence b is
             q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] over k/v[cu_seqlens_k[b]:cu_seqlens_k[b+1]].
-        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths.
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths, at most total_q and
+            total_k (they size the kernel's grid); an empty pack takes any value.
         softmax_scale: defaults to 1 / sqrt(headdim).
         causal: mask aligned bottom-right; with lq = 2 queries over lk = 5 keys (x = visible):
                 x x x x .

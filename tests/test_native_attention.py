@@ -53,3 +53,23 @@ def test_vit_tiles_in_one_batched_call_equal_reference():
     with nk.use_backend("torch"):
         want = nk.varlen_attention(**inputs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("poisoned", ["q", "k", "v"])
+def test_non_finite_inputs_propagate_as_in_reference(poisoned, value, causal):
+    # With fewer keys than its vector width (16 floats with AVX-512) aten's CPU kernel returned 0
+    # for a query row of NaN scores, or of only -inf, where the reference gives NaN.
+    lengths = list(range(1, 9)) + [17]
+    inputs = pack(lengths, lengths, 2, 2, 32, torch.float32, causal)
+    start = 0
+    for length in lengths:
+        inputs[poisoned][start + length // 2, 0, 3] = value
+        start += length
+    with nk.use_backend("native"):
+        got = nk.varlen_attention(**inputs)
+    want = nk.reference.varlen_attention(
+        **{name: x.double() if name in "qkv" else x for name, x in inputs.items()})
+    assert not want.isfinite().all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -65,6 +65,33 @@ def test_max_seqlen_must_cover_longest_sequence():
         varlen(q, k, v, max_q=3)
 
 
+@pytest.mark.parametrize("which", ["q", "k"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a shape check, free on any device
+def test_max_seqlen_beyond_the_tokens(which, device):
+    # it sizes the Triton grid: 7 tokens with max_seqlen 64,000 took 10 s under the interpreter
+    q, k, v = (t.to(device) for t in attention_inputs(total_q=7, total_k=5))
+    sizes = {"max_q": 7, "max_k": 5, f"max_{which}": 2**62}
+    total = {"q": 7, "k": 5}[which]
+    with pytest.raises(ValueError, match=rf"max_seqlen_{which} = {2**62} exceeds total_{which} = "
+                                         rf"{total}.*longest sequence in cu_seqlens_{which}, at "
+                                         rf"most {total}"):
+        varlen(q, k, v, cu(0, 2, 7).to(device), cu(0, 3, 5).to(device), **sizes)
+
+
+@pytest.mark.parametrize("bad,error", [(-1, ValueError), (6.0, TypeError), (True, TypeError),
+                                       (torch.tensor(6), TypeError)])
+def test_max_seqlen_must_be_a_non_negative_int(bad, error):
+    q, k, v = attention_inputs()
+    with pytest.raises(error, match="max_seqlen_k must be"):
+        varlen(q, k, v, max_k=bad)
+
+
+def test_empty_pack_takes_any_max_seqlen():
+    # the ViT of a batch without images runs its layers on 0 tiles with max_seqlen = tile length
+    q, k, v = attention_inputs(total_q=0, total_k=0)
+    assert varlen(q, k, v, cu(0), cu(0), max_q=1025, max_k=1025).shape == (0, 4, 8)
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 def test_attention_rank(which):
     inputs = dict(zip("qkv", attention_inputs()))
@@ -277,3 +304,33 @@ def test_shape_errors_are_raised_for_device_tensors_without_reading_them(monkeyp
     q, k, v = (t.to("meta") for t in attention_inputs(hq=5, hk=2))
     with pytest.raises(ValueError, match="must be a multiple"):
         nk.varlen_attention(q, k, v, cu(0, 6).to("meta"), cu(0, 6).to("meta"), 6, 6)
+
+
+def bad_embed_call():
+    ids, table, images = embed_inputs()
+    ids[1, 2] = 1000
+    return (ids, table, images, 9), r"input_ids contain id 1000 outside the embedding table \[0, 5\)"
+
+
+def bad_varlen_call():
+    q, k, v = attention_inputs()
+    return (q, k, v, cu(0, 4, 1, 6), cu(0, 3, 6), 6, 6), "cu_seqlens_q must be non-decreasing"
+
+
+def bad_cross_attention_call():
+    q, k, v = attention_inputs(total_q=3, total_k=5)
+    return (q, k, v, *ranges([0, 1, 2], [5, 6, 3])), r"lies outside the memory \[0, total_kv = 5\)"
+
+
+@pytest.mark.parametrize("op,call", [(nk.multimodal_embed, bad_embed_call),
+                                     (nk.varlen_attention, bad_varlen_call),
+                                     (nk.cross_attention, bad_cross_attention_call)])
+@pytest.mark.skipif(not _validate.CHECKS_SURVIVE_COMPILE,
+                    reason="this torch has no effectful custom ops (CustomOpDef.register_effect)")
+def test_cpu_contents_are_checked_under_torch_compile(op, call):
+    args, message = call()
+    with pytest.raises(ValueError, match=message):
+        op(*args)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=message):
+        torch.compile(op, backend="aot_eager")(*args)
