@@ -11,6 +11,11 @@ A checkpoint directory holds
 - the weights: `model.safetensors`, or shards listed by `model.safetensors.index.json`.
   Only safetensors are read: pickle files (`.bin`, `.pt`) can run code when loaded.
 
+A checkpoint is untrusted input. Before any model is built, its config's sizes are compared with the
+tensor headers (a config may claim 10**9 layers), the index may only name files in the directory,
+and the tensor dtypes are checked; the weights are checked to be finite as they are read. Every
+problem is a ValueError (OSError for a missing file) that names the file, key or tensor.
+
 Tensor names are NVLM's parameter names. The two places where the layouts differ (zero-padded ViT
 heads, a tied lm_head) live in InternVLChatAdapter. Shapes the config cannot tell come from the
 tensors: the projector's width, bias and depth, and the number of dummy heads.
@@ -18,15 +23,18 @@ tensors: the projector's width, bias and depth, and the number of dummy heads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_directory
@@ -40,6 +48,13 @@ SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 NVLM_CONFIG_KEY = "nvlm_config"
 EMBED_TOKENS = "language_model.model.embed_tokens.weight"
 LM_HEAD = "language_model.lm_head.weight"
+VISION_LAYERS = "vision_model.encoder.layers."
+LLM_LAYERS = "language_model.model.layers."
+XATTN_BLOCKS = "xattn."
+# config.json and the index are a few kB to a few MB; anything far larger is not a checkpoint's.
+MAX_JSON_BYTES = 64 * 2**20
+# How many tensor names an error message lists before it says "and N more".
+LISTED_NAMES = 8
 
 Shape = tuple[int, ...]
 
@@ -54,7 +69,7 @@ _PER_HEAD_TENSOR = re.compile(
 
 def load_pretrained(path: str | os.PathLike, image_token_id: int | None = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    max_tiles: int | None = None) -> NVLM:
+                    max_tiles: int | None = None, check_weights: bool = True) -> NVLM:
     """Read an NVLM-D / InternVL-chat checkpoint directory into an NVLM (in eval mode).
 
     The model is built on the meta device and takes the checkpoint's tensors as its parameters
@@ -62,22 +77,32 @@ def load_pretrained(path: str | os.PathLike, image_token_id: int | None = None,
     the argument, else the saved nvlm_config's, else the id of `<|vision_pad|>` / `<IMG_CONTEXT>`
     in the directory's tokenizer files. max_tiles: the argument, else nvlm_config's, else
     config.json's `max_dynamic_patch`. A checkpoint whose tensors do not match its config raises
-    one ValueError that lists every missing, unexpected and mis-shaped tensor.
+    one ValueError that lists every missing, unexpected and mis-shaped tensor; sizes that the
+    tensor headers contradict (layer counts, widths, vocabulary) are refused before any model is
+    built. check_weights: refuse non-floating tensors, floating tensors of mixed dtypes (unless
+    `dtype` casts them all to one), and NaN or infinite values (after that cast); False loads
+    them as they are.
     """
     directory = Path(path)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r}: no config.json (expected a checkpoint "
                                 "directory in the NVLM-D / InternVL-chat layout)")
-    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data = _read_json(config_path)
     files = _weight_files(directory)
-    shapes = _tensor_shapes(files)
+    shapes, dtypes = _tensor_headers(files)
 
     config = config_from_checkpoint(data, shapes)
     if max_tiles is not None:
         config.max_tiles = max_tiles
     config.image_token_id = _resolve_image_token_id(image_token_id, data, directory)
     config.validate()
+    problems = _size_mismatches(config, shapes)
+    if problems:
+        raise ValueError(f"checkpoint {str(directory)!r}: config.json disagrees with the tensor "
+                         "headers:\n" + "\n".join(problems))
+    if check_weights:
+        _check_dtypes(dtypes, dtype, directory)
 
     with torch.device("meta"):
         model = NVLM(config)
@@ -90,13 +115,8 @@ def load_pretrained(path: str | os.PathLike, image_token_id: int | None = None,
         raise ValueError(f"checkpoint {str(directory)!r} does not match the model its config.json "
                          "describes:\n" + "\n".join(problems))
 
-    tensors = {}
-    for file, names in files.items():
-        with safe_open(file, framework="pt", device="cpu") as reader:
-            for name in names:
-                tensor = reader.get_tensor(name)
-                as_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
-                tensors[name] = tensor.to(device=device, dtype=as_dtype)
+    tensors, finite = _read_tensors(files, dtype, device, check_weights)
+    _check_finite(finite, dtype, directory)
     state_dict, problems = adapter.from_checkpoint(tensors)
     if problems:
         raise ValueError(f"checkpoint {str(directory)!r}:\n" + "\n".join(problems))
@@ -214,20 +234,23 @@ def config_from_checkpoint(data: dict[str, Any], shapes: dict[str, Shape]) -> NV
     """NVLMConfig from a checkpoint's config.json and its tensor shapes (the tensors decide the
     projector and the dummy heads). image_token_id stays the default: load_pretrained sets it.
     With an "nvlm_config" section, the fields the layout cannot express come from it, and the
-    rest must agree with what config.json and the tensors say."""
+    rest must agree with what config.json and the tensors say. Values of the wrong JSON type
+    raise a ValueError naming their key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{CONFIG_FILE}: expected a JSON object, got {type(data).__name__}")
     image_size = _check_image_pipeline(data)
     vision = _vision_config(_section(data, "vision_config"), shapes, image_size)
     llm = _llm_config(_section(data, "llm_config"), shapes)
     projector = _projector_config(data, shapes, llm)
     config = NVLMConfig(vision=vision, llm=llm, projector=projector,
-                        use_thumbnail=bool(data.get("use_thumbnail", True)))
+                        use_thumbnail=_flag(data, "use_thumbnail", CONFIG_FILE, True))
     # NVLM-D-72B's config.json says 12, an InternVL leftover: NVLM trains and evaluates with 6
     # (NVLM.md section 2), so its checkpoints keep the default; other InternVL-chat models keep
     # their own value.
     if "max_dynamic_patch" in data and data.get("model_type") != "NVLM_D":
-        config.max_tiles = int(data["max_dynamic_patch"])
+        config.max_tiles = _int(data, "max_dynamic_patch", CONFIG_FILE)
     if NVLM_CONFIG_KEY in data:
-        config = _merge_saved_config(config, NVLMConfig.from_dict(data[NVLM_CONFIG_KEY]))
+        config = _merge_saved_config(config, _saved_config(data[NVLM_CONFIG_KEY]))
     return config
 
 
@@ -293,7 +316,7 @@ def _check_image_pipeline(data: dict[str, Any]) -> int | None:
         raise ValueError(f"config.json: select_layer {data['select_layer']!r} is not supported, "
                          "only -1 (the ViT's last layer)")
     force = data.get("force_image_size")
-    return None if force is None else _side(force, "force_image_size")
+    return None if force is None else _side(force, f"{CONFIG_FILE} force_image_size")
 
 
 def _vision_config(v: dict[str, Any], shapes: dict[str, Shape], force_image_size: int | None
@@ -306,33 +329,36 @@ def _vision_config(v: dict[str, Any], shapes: dict[str, Shape], force_image_size
                          "embeddings to another tile size is not supported")
     if v.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{where}.hidden_act: expected 'gelu', got {v['hidden_act']!r}")
-    width, heads = int(_key(v, "hidden_size", where)), int(_key(v, "num_attention_heads", where))
-    layer0 = "vision_model.encoder.layers.0."
+    width, heads = _int(v, "hidden_size", where), _int(v, "num_attention_heads", where)
+    layer0 = VISION_LAYERS + "0."
     # Flags a config leaves out are read off the tensors (LayerNorm has a bias, RMSNorm not).
     norm_type = v.get("norm_type", "layer_norm" if layer0 + "norm1.bias" in shapes else "rms_norm")
     return VisionConfig(
         image_size=image_size,
         patch_size=_side(_key(v, "patch_size", where), f"{where}.patch_size"),
-        hidden_size=width, num_layers=int(_key(v, "num_hidden_layers", where)), num_heads=heads,
-        intermediate_size=int(_key(v, "intermediate_size", where)),
-        norm_type=norm_type, norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        qk_normalization=bool(v.get("qk_normalization", layer0 + "attn.q_norm.weight" in shapes)),
-        qkv_bias=bool(v.get("qkv_bias", layer0 + "attn.qkv.bias" in shapes)),
-        layerscale_init=float(v.get("initializer_factor", 0.1)),
+        hidden_size=width, num_layers=_int(v, "num_hidden_layers", where), num_heads=heads,
+        intermediate_size=_int(v, "intermediate_size", where),
+        norm_type=norm_type, norm_eps=_float(v, "layer_norm_eps", where, 1e-6),
+        qk_normalization=_flag(v, "qk_normalization", where,
+                               layer0 + "attn.q_norm.weight" in shapes),
+        qkv_bias=_flag(v, "qkv_bias", where, layer0 + "attn.qkv.bias" in shapes),
+        layerscale_init=_float(v, "initializer_factor", where, 0.1),
         num_dummy_heads=_num_dummy_heads(v, shapes, width, heads))
 
 
 def _num_dummy_heads(v: dict[str, Any], shapes: dict[str, Shape], width: int, heads: int) -> int:
     """From the first qkv weight's rows, 3 * (heads + dummy) * head_dim; a `num_dummy_heads` key
     must agree. If the rows do not fit that form the shape check reports the tensor."""
-    declared = v.get("num_dummy_heads")
-    qkv = shapes.get("vision_model.encoder.layers.0.attn.qkv.weight")
-    head_dim = width // heads if heads > 0 else 0
-    if qkv is None or head_dim == 0 or qkv[0] % (3 * head_dim) or qkv[0] // (3 * head_dim) < heads:
-        return int(declared or 0)
+    where = "config.json vision_config"
+    declared = _int(v, "num_dummy_heads", where, None, minimum=0)
+    qkv = shapes.get(VISION_LAYERS + "0.attn.qkv.weight")
+    head_dim = width // heads
+    if (qkv is None or not qkv or head_dim == 0 or qkv[0] % (3 * head_dim)
+            or qkv[0] // (3 * head_dim) < heads):
+        return declared or 0
     inferred = qkv[0] // (3 * head_dim) - heads
-    if declared is not None and int(declared) != inferred:
-        raise ValueError(f"config.json vision_config.num_dummy_heads {declared} disagrees with the "
+    if declared is not None and declared != inferred:
+        raise ValueError(f"{where}.num_dummy_heads {declared} disagrees with the "
                          f"checkpoint's qkv weight {tuple(qkv)}: that is {heads} heads of "
                          f"{head_dim} plus {inferred} dummy heads")
     return inferred
@@ -341,6 +367,8 @@ def _num_dummy_heads(v: dict[str, Any], shapes: dict[str, Shape], width: int, he
 def _llm_config(llm: dict[str, Any], shapes: dict[str, Shape]) -> LLMConfig:
     where = "config.json llm_config"
     architectures = llm.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ValueError(f"{where}.architectures: expected a list of names, got {architectures!r}")
     model_type = llm.get("model_type")
     if model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
         family = "qwen2"
@@ -360,40 +388,44 @@ def _llm_config(llm: dict[str, Any], shapes: dict[str, Shape]) -> LLMConfig:
     if family == "llama" and llm.get("attention_bias"):
         raise ValueError(f"{where}.attention_bias: a Llama decoder with attention biases also "
                          "has an o_proj bias, which is not supported")
-    width = int(_key(llm, "hidden_size", where))
-    heads = int(_key(llm, "num_attention_heads", where))
-    if llm.get("head_dim") not in (None, width // max(heads, 1)):
+    width = _int(llm, "hidden_size", where)
+    heads = _int(llm, "num_attention_heads", where)
+    if llm.get("head_dim") not in (None, width // heads):
         raise ValueError(f"{where}.head_dim: expected hidden_size / num_attention_heads = "
-                         f"{width // max(heads, 1)}, got {llm['head_dim']}")
-    tied = llm.get("tie_word_embeddings", LM_HEAD not in shapes)
+                         f"{width // heads}, got {llm['head_dim']!r}")
     return LLMConfig(
-        vocab_size=int(_key(llm, "vocab_size", where)), hidden_size=width,
-        num_layers=int(_key(llm, "num_hidden_layers", where)), num_heads=heads,
-        num_kv_heads=int(llm.get("num_key_value_heads") or heads),
-        intermediate_size=int(_key(llm, "intermediate_size", where)),
-        rope_theta=_rope_theta(llm, where), rms_norm_eps=float(llm.get("rms_norm_eps", 1e-6)),
-        attention_bias=family == "qwen2", tie_word_embeddings=bool(tied),
-        max_position_embeddings=int(llm.get("max_position_embeddings", 32768)))
+        vocab_size=_int(llm, "vocab_size", where), hidden_size=width,
+        num_layers=_int(llm, "num_hidden_layers", where), num_heads=heads,
+        num_kv_heads=_int(llm, "num_key_value_heads", where, heads),
+        intermediate_size=_int(llm, "intermediate_size", where),
+        rope_theta=_rope_theta(llm, where), rms_norm_eps=_float(llm, "rms_norm_eps", where, 1e-6),
+        attention_bias=family == "qwen2",
+        tie_word_embeddings=_flag(llm, "tie_word_embeddings", where, LM_HEAD not in shapes),
+        max_position_embeddings=_int(llm, "max_position_embeddings", where, 32768))
 
 
 def _rope_theta(llm: dict[str, Any], where: str) -> float:
     """rope_theta (transformers 4) or rope_parameters.rope_theta (transformers 5); only the
     default (unscaled) RoPE is supported."""
-    params = llm.get("rope_parameters") or {}
-    scaling = llm.get("rope_scaling") or {}
-    for key, section in (("rope_parameters", params), ("rope_scaling", scaling)):
+    sections = {key: llm.get(key) or {} for key in ("rope_parameters", "rope_scaling")}
+    for key, section in sections.items():
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}.{key}: expected an object, got {section!r}")
         kind = section.get("rope_type", section.get("type", "default"))
         if kind != "default":
             raise ValueError(f"{where}.{key}: only the default RoPE is supported, got {kind!r}")
-    return float(params.get("rope_theta", llm.get("rope_theta", 10000.0)))
+    if "rope_theta" in sections["rope_parameters"]:
+        return _float(sections["rope_parameters"], "rope_theta", f"{where}.rope_parameters")
+    return _float(llm, "rope_theta", where, 10000.0)
 
 
 def _projector_config(data: dict[str, Any], shapes: dict[str, Shape], llm: LLMConfig
                       ) -> ProjectorConfig:
     """mlp1's depth, width and bias from its tensors: mlp1.3 exists for two Linears, mlp1.1's rows
     are the hidden width (the LLM's MLP width for NVLM-D-72B, its hidden width for InternVL2)."""
-    ratio = float(data.get("downsample_ratio", 0.5))
-    scale = round(1 / ratio) if ratio > 0 else 0
+    ratio = _float(data, "downsample_ratio", CONFIG_FILE, 0.5)
+    # 1 / a subnormal ratio is inf, which round() refuses.
+    scale = round(1 / ratio) if ratio > 0 and math.isfinite(1 / ratio) else 0
     if scale < 1 or abs(scale * ratio - 1) > 1e-6:
         raise ValueError(f"config.json: downsample_ratio must be 1 / an integer, got {ratio}")
     first = shapes.get("mlp1.1.weight")
@@ -445,6 +477,53 @@ def _resolve_image_token_id(argument: int | None, data: dict[str, Any], director
     return found
 
 
+def _saved_config(section: Any) -> NVLMConfig:
+    """The "nvlm_config" section as an NVLMConfig; type errors name the field."""
+    where = f"{CONFIG_FILE} {NVLM_CONFIG_KEY}"
+    _check_field_types(section, NVLMConfig, where)
+    try:
+        return NVLMConfig.from_dict(section)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    except ZeroDivisionError as error:    # validate() divides by sizes before it checks them
+        raise ValueError(f"{where}: one of vision.num_heads, vision.patch_size, llm.num_heads, "
+                         f"llm.num_kv_heads is 0 ({error})") from error
+
+
+def _check_field_types(section: Any, cls: type, where: str) -> None:
+    """Each field present has the JSON type of its default (a nested part: an object): the
+    config's own validation compares and divides, and a string there fails obscurely."""
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}: expected an object, got {section!r}")
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        if field.name not in section:
+            continue
+        value, default = section[field.name], getattr(defaults, field.name)
+        name = f"{where}.{field.name}"
+        if dataclasses.is_dataclass(default):
+            _check_field_types(value, type(default), name)
+        elif not _json_type_matches(value, default):
+            raise ValueError(f"{name}: expected a value like {default!r}, got {value!r}")
+
+
+def _json_type_matches(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(default, str):
+        return isinstance(value, type(default))
+    if isinstance(default, int):
+        return _is_int(value)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):                # xattn_layers: a list of layer indices
+        return isinstance(value, (list, tuple)) and all(_is_int(i) for i in value)
+    return True
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int in Python, but a JSON true where a number belongs is a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
     section = data.get(key)
     if not isinstance(section, dict):
@@ -459,40 +538,85 @@ def _key(section: dict[str, Any], key: str, where: str) -> Any:
     return section[key]
 
 
+def _key_name(where: str, key: str) -> str:
+    """A key's name in messages: config.json llm_config.vocab_size in a section, config.json
+    max_dynamic_patch at the top level."""
+    return f"{where} {key}" if where == CONFIG_FILE else f"{where}.{key}"
+
+
+# A required key: no default given. null counts as absent (Hugging Face writes it for defaults).
+_REQUIRED = object()
+
+
+def _int(section: dict[str, Any], key: str, where: str, default: Any = _REQUIRED,
+         minimum: int = 1) -> int | None:
+    """section[key], an integer >= minimum; absent or null: `default` (returned as it is)."""
+    value = _key(section, key, where) if default is _REQUIRED else section.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{_key_name(where, key)}: expected an integer >= {minimum}, "
+                         f"got {value!r}")
+    return value
+
+
+def _float(section: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> float:
+    """section[key], a finite number; absent or null: `default`."""
+    value = _key(section, key, where) if default is _REQUIRED else section.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value)):
+        raise ValueError(f"{_key_name(where, key)}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(section: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    """section[key], true or false (not a string, whose bool() is True even for "false")."""
+    value = section.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{_key_name(where, key)}: expected true or false, got {value!r}")
+    return value
+
+
 def _side(value: Any, where: str) -> int:
     """A square size given as an int or [h, w]."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"{where}: expected a square size, got {value!r}")
         value = value[0]
-    return int(value)
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{where}: expected a size >= 1, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 
+def _read_json(path: Path) -> Any:
+    """The file's JSON; a file that is not (UTF-8) JSON is a ValueError that names it."""
+    with open(path, "rb") as file:       # read to the bound, not to the (maybe special) end
+        raw = file.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{str(path)!r}: more than the {MAX_JSON_BYTES} bytes a checkpoint's "
+                         "JSON file may have")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    # Decode errors are ValueErrors that do not name the file; deep nesting overflows the parser.
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{str(path)!r}: not valid UTF-8 JSON: {error}") from error
+
+
 def _weight_files(directory: Path) -> dict[Path, list[str]]:
     """safetensors file -> the tensor names it holds (from the index when sharded)."""
     single, index = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as reader:
+        with _open_safetensors(single) as reader:
             return {single: list(reader.keys())}
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{str(index)!r}: expected a 'weight_map' object")
-        files: dict[Path, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(directory / file, []).append(name)
-        for file, names in files.items():
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"{str(file)!r}: listed in {SAFETENSORS_INDEX_FILE} but absent")
-            with safe_open(file, framework="pt") as reader:
-                absent = sorted(set(names) - set(reader.keys()))
-            if absent:
-                raise ValueError(f"{str(file)!r} lacks tensors the index places in it: {absent}")
-        return files
+        return _indexed_files(directory, index)
     pickles = sorted(p.name for p in directory.iterdir()
                      if p.suffix in (".bin", ".pt", ".pth", ".pkl")
                      or p.name.endswith(".bin.index.json"))
@@ -505,14 +629,191 @@ def _weight_files(directory: Path) -> dict[Path, list[str]]:
         f"{str(directory)!r}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}")
 
 
-def _tensor_shapes(files: dict[Path, list[str]]) -> dict[str, Shape]:
-    """Shapes from the safetensors headers, without reading any data."""
+def _indexed_files(directory: Path, index: Path) -> dict[Path, list[str]]:
+    """The index's weight_map as shard file -> tensor names. Every entry is checked before any
+    shard is opened: an index may only name files in the checkpoint directory."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{str(index)!r}: expected a JSON object with a 'weight_map' object")
+    files: dict[Path, list[str]] = {}
+    for name, file in weight_map.items():
+        if not _is_plain_file_name(file):
+            raise ValueError(f"{str(index)!r}: weight_map entry {name!r} -> {file!r}: expected "
+                             "the name of a file in the checkpoint directory (no directories, "
+                             "no absolute path)")
+        files.setdefault(directory / file, []).append(name)
+    for file in files:
+        # A symbolic link in the directory may point elsewhere: the Hugging Face cache links
+        # every snapshot file to a blob.
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{str(file)!r}: listed in {SAFETENSORS_INDEX_FILE} but absent")
+    return files
+
+
+def _is_plain_file_name(file: Any) -> bool:
+    return (isinstance(file, str) and file not in ("", ".", "..") and "\0" not in file
+            and os.path.basename(file) == file
+            and not (os.altsep and os.altsep in file))
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """safe_open on the CPU; a damaged file's error becomes a ValueError that names the file.
+    safetensors checks the header before reading it (at most 100 MB, offsets that tile the
+    file), so a damaged header cannot make it allocate more than that."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as reader:
+            yield reader
+    except SafetensorError as error:
+        raise ValueError(f"{str(file)!r}: not a valid safetensors file: {error}") from error
+
+
+def _tensor_headers(files: dict[Path, list[str]]) -> tuple[dict[str, Shape], dict[str, str]]:
+    """Shapes and dtypes (safetensors' names: "F32", "BF16", "I64", ...) from the safetensors
+    headers, without reading any data."""
     shapes: dict[str, Shape] = {}
+    dtypes: dict[str, str] = {}
     for file, names in files.items():
-        with safe_open(file, framework="pt") as reader:
+        with _open_safetensors(file) as reader:
+            absent = sorted(set(names) - set(reader.keys()))
+            if absent:
+                raise ValueError(f"{str(file)!r} lacks tensors the index places in it: "
+                                 f"{_listed(absent)}")
             for name in names:
-                shapes[name] = tuple(reader.get_slice(name).get_shape())
-    return shapes
+                header = reader.get_slice(name)
+                shapes[name], dtypes[name] = tuple(header.get_shape()), header.get_dtype()
+    return shapes, dtypes
+
+
+def _read_tensors(files: dict[Path, list[str]], dtype: torch.dtype | None,
+                  device: str | torch.device, check_finite: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors on `device` (floating ones cast to `dtype` when given) and, with
+    check_finite, a 0-d bool tensor per name that says whether all its values are finite."""
+    tensors, finite = {}, {}
+    for file, names in files.items():
+        with _open_safetensors(file) as reader:
+            for name in names:
+                tensor = reader.get_tensor(name)
+                as_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
+                tensors[name] = tensor = tensor.to(device=device, dtype=as_dtype)
+                if check_finite:
+                    finite[name] = _all_finite(tensor)
+    return tensors, finite
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on t's device, so that a GPU load syncs once for all tensors, not once
+    per tensor. Checked after the cast: a float32 1e6 is inf in float16."""
+    if t.is_floating_point() and t.element_size() == 1:
+        t = t.half()            # isfinite has no float8 kernels; float8 -> float16 is exact
+    return torch.isfinite(t).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on untrusted checkpoints
+
+def _size_mismatches(config: NVLMConfig, shapes: dict[str, Shape]) -> list[str]:
+    """One line per size of the config that the tensor headers contradict, found before any
+    model is built: the layer counts bound what building costs (a config may claim 10**9 layers;
+    a checkpoint holds at most one layer per tensor), the widths get a message that names the
+    config key. A tensor that is absent is not compared here: the full comparison of every
+    tensor's name and shape, after the model is built, reports it."""
+    return _layer_count_mismatches(config, shapes) + _width_mismatches(config, shapes)
+
+
+def _layer_count_mismatches(config: NVLMConfig, shapes: dict[str, Shape]) -> list[str]:
+    lines = []
+    for key, declared, prefix in (
+            ("vision_config.num_hidden_layers", config.vision.num_layers, VISION_LAYERS),
+            ("llm_config.num_hidden_layers", config.llm.num_layers, LLM_LAYERS)):
+        found = len(_layer_indices(shapes, prefix))
+        if declared != found:
+            lines.append(f"  {key}: {declared} in config.json, but the checkpoint has {found} "
+                         f"layers ({prefix}N.*)")
+    declared = sorted(str(i) for i in config.xattn_layers)
+    found = sorted(_layer_indices(shapes, XATTN_BLOCKS), key=lambda index: (len(index), index))
+    if set(declared) != set(found):
+        lines.append(f"  {NVLM_CONFIG_KEY}.xattn_layers: {list(config.xattn_layers)} (arch "
+                     f"{config.arch!r}), but the checkpoint's X-attn blocks ({XATTN_BLOCKS}N.*) "
+                     f"are [{_listed(found, separator=', ')}]")
+    return lines
+
+
+def _layer_indices(shapes: dict[str, Shape], prefix: str) -> set[str]:
+    """The N of every `prefix`N.* tensor name, kept as text: int() of a 5000-digit N raises."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return {match.group(1) for name in shapes if (match := pattern.match(name))}
+
+
+def _width_mismatches(config: NVLMConfig, shapes: dict[str, Shape]) -> list[str]:
+    v, llm = config.vision, config.llm
+    patch = "vision_model.embeddings.patch_embedding.weight"
+    # (config key, its value, a tensor, a dimension of it, the size the value gives that dimension)
+    expectations = [
+        ("vision_config.hidden_size", v.hidden_size, patch, 0, v.hidden_size),
+        ("vision_config.patch_size", v.patch_size, patch, 2, v.patch_size),
+        ("vision_config.image_size", v.image_size, "vision_model.embeddings.position_embedding",
+         1, v.grid_size ** 2 + 1),
+        ("vision_config.intermediate_size", v.intermediate_size,
+         VISION_LAYERS + "0.mlp.fc1.weight", 0, v.intermediate_size),
+        ("downsample_ratio", 1 / config.projector.downsample_scale, "mlp1.0.weight", 0,
+         v.hidden_size * config.projector.downsample_scale ** 2),
+        ("llm_config.vocab_size", llm.vocab_size, EMBED_TOKENS, 0, llm.vocab_size),
+        ("llm_config.hidden_size", llm.hidden_size, EMBED_TOKENS, 1, llm.hidden_size),
+        ("llm_config.intermediate_size", llm.intermediate_size,
+         LLM_LAYERS + "0.mlp.gate_proj.weight", 0, llm.intermediate_size),
+        ("llm_config.num_key_value_heads", llm.num_kv_heads,
+         LLM_LAYERS + "0.self_attn.k_proj.weight", 0, llm.num_kv_heads * llm.head_dim),
+    ]
+    lines = []
+    for key, value, tensor, dim, size in expectations:
+        shape = shapes.get(tensor)
+        if shape is None or len(shape) <= dim or shape[dim] == size:
+            continue
+        gives = "" if size == value else f", which makes {size}"
+        lines.append(f"  {key}: {value} in config.json{gives}, but the checkpoint's {tensor} "
+                     f"has {shape[dim]} in dimension {dim} (shape {shape})")
+    return lines
+
+
+def _check_dtypes(dtypes: dict[str, str], dtype: torch.dtype | None, directory: Path) -> None:
+    """Every tensor floating and, unless `dtype` casts them all to one, all of one dtype: a
+    model of mixed dtypes loads, then fails at its first matmul."""
+    # safetensors' floating dtypes: F64 ... F4, F8_E4M3, BF16; the others are I*, U*, BOOL.
+    non_floating = sorted(name for name, d in dtypes.items() if not d.startswith(("F", "BF")))
+    if non_floating:
+        raise ValueError(f"checkpoint {str(directory)!r}: every weight must be floating point; "
+                         f"these are not: {_listed(non_floating, dtypes)}")
+    counts = Counter(dtypes.values())
+    if dtype is None and len(counts) > 1:
+        common = counts.most_common(1)[0][0]
+        odd = sorted(name for name, d in dtypes.items() if d != common)
+        raise ValueError(f"checkpoint {str(directory)!r}: tensors of mixed dtypes "
+                         f"({dict(counts.most_common())}); not {common}: {_listed(odd, dtypes)}. "
+                         "Pass dtype= to cast them all to one (check_weights=False loads them as "
+                         "they are)")
+
+
+def _check_finite(finite: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                  directory: Path) -> None:
+    if not finite:
+        return
+    flags = torch.stack(list(finite.values())).tolist()          # the one host sync
+    bad = [name for name, ok in zip(finite, flags) if not ok]
+    if bad:
+        cast = f" after the cast to {dtype}" if dtype is not None else ""
+        raise ValueError(f"checkpoint {str(directory)!r}: {_listed(bad)}: not finite (NaN or "
+                         f"infinite values){cast}; check_weights=False loads them anyway")
+
+
+def _listed(names: list[str], dtypes: dict[str, str] | None = None, separator: str = "; ") -> str:
+    """The first LISTED_NAMES names (with their dtypes when given), then how many more."""
+    shown = [f"{name} ({dtypes[name]})" if dtypes else name for name in names[:LISTED_NAMES]]
+    more = f"{separator}and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else ""
+    return separator.join(shown) + more
 
 
 def _layout_mismatches(expected: dict[str, Shape], found: dict[str, Shape],

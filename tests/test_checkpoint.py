@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -313,7 +314,8 @@ def test_mismatched_tensors_are_reported_together(tmp_path):
     _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["vision_model.encoder.layers.1.mlp.fc2.bias"]
-    tensors["vision_model.encoder.layers.9.ls1"] = torch.zeros(128)
+    # In a layer the config counts: a tenth layer would be refused first, by the size check.
+    tensors["vision_model.encoder.layers.2.ls9"] = torch.zeros(128)
     tensors["mlp1.3.weight"] = torch.zeros(190, 192)
     save_file(tensors, tmp_path / "model.safetensors")
 
@@ -321,7 +323,7 @@ def test_mismatched_tensors_are_reported_together(tmp_path):
         NVLM.from_pretrained(tmp_path)
     message = str(error.value)
     assert "missing (1)" in message and "vision_model.encoder.layers.1.mlp.fc2.bias" in message
-    assert "unexpected (1)" in message and "vision_model.encoder.layers.9.ls1" in message
+    assert "unexpected (1)" in message and "vision_model.encoder.layers.2.ls9" in message
     assert "wrong shape (1)" in message
     assert "mlp1.3.weight: expected (192, 192), found (190, 192)" in message
 
@@ -505,3 +507,232 @@ def test_hf_internvl_checkpoint_gives_the_same_logits(tmp_path, flavour):
     # The comparison means something: logits are not tiny and depend on the images.
     assert expected.abs().max() > 1.0 and (other_images - actual).abs().max() > 1e-2
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)   # measured: 2e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Untrusted checkpoints: sizes, paths, weights and types are checked before they can cost anything
+
+def _refuse_to_build(monkeypatch) -> None:
+    """Make any model construction inside load_pretrained fail the test."""
+    def no_model(config):
+        raise AssertionError("load_pretrained built a model before checking the config's sizes")
+
+    monkeypatch.setattr(checkpoint, "NVLM", no_model)
+
+
+def _without_nvlm_config(directory: Path, edit=lambda data: None) -> None:
+    """Drop the saved nvlm_config (so config.json alone describes the model), then `edit`."""
+    _edit_config_json(directory, lambda data: (data.pop("nvlm_config"), edit(data)))
+
+
+@pytest.mark.parametrize("section, key, value, found", [
+    ("vision_config", "num_hidden_layers", 10**9, "3"),
+    ("llm_config", "num_hidden_layers", 10**9, "3"),
+    ("vision_config", "hidden_size", 2**20, "128"),
+    ("vision_config", "intermediate_size", 2**30, "512"),
+    ("llm_config", "vocab_size", 10**12, "264"),
+    ("llm_config", "intermediate_size", 1024, "512"),
+    ("llm_config", "num_key_value_heads", 3, "64"),
+])
+def test_config_sizes_are_checked_against_the_tensor_headers_first(tmp_path, monkeypatch, section,
+                                                                   key, value, found):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    _without_nvlm_config(tmp_path, lambda data: data[section].update({key: value}))
+    _refuse_to_build(monkeypatch)
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as error:
+        NVLM.from_pretrained(tmp_path, image_token_id=259)
+    assert time.perf_counter() - start < 1.0
+    message = str(error.value)
+    assert f"{section}.{key}" in message and found in message, message
+
+
+def test_xattn_layers_are_checked_against_the_tensor_headers_first(tmp_path, monkeypatch):
+    _model(NVLMConfig.from_preset("tiny", arch="H")).save_pretrained(tmp_path)
+    _edit_config_json(tmp_path, lambda data: data["nvlm_config"].update(xattn_layers=[0, 1, 2]))
+    _refuse_to_build(monkeypatch)
+
+    with pytest.raises(ValueError, match=r"nvlm_config\.xattn_layers.*\[0, 1, 2\].*\[0, 2\]"):
+        NVLM.from_pretrained(tmp_path)
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.mark.parametrize("entry", [
+    "../other/{shard}", "{other}/{shard}", "/etc/passwd", "/proc/self/environ", "sub/{shard}",
+    "./{shard}", ".", "..", "", "{shard}\x00", 7, None, ["{shard}"],
+])
+def test_index_entries_must_be_plain_file_names_in_the_directory(tmp_path, monkeypatch, entry):
+    source = tmp_path / "ckpt"
+    checkpoint.save_pretrained(_model(VARIANTS["tiny"]), source, max_shard_bytes=400_000)
+    # A valid copy outside the checkpoint: before this check, "../other/..." loaded it.
+    _copy_checkpoint(source, tmp_path / "other")
+    index_path = source / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    if isinstance(entry, str):
+        entry = entry.format(shard=shard, other=tmp_path / "other")
+    elif isinstance(entry, list):
+        entry = [shard]
+    index["weight_map"][name] = entry
+    index_path.write_text(json.dumps(index))
+    opened = []
+    real_safe_open = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open",
+                        lambda file, *args, **kwargs: (opened.append(Path(file)),
+                                                       real_safe_open(file, *args, **kwargs))[1])
+
+    with pytest.raises(ValueError, match=re.escape(name)):
+        NVLM.from_pretrained(source)
+    assert opened == []                        # refused before any shard was opened
+
+
+def test_index_entries_may_be_symbolic_links_as_in_the_hugging_face_cache(tmp_path):
+    model = _model(VARIANTS["tiny"])
+    checkpoint.save_pretrained(model, tmp_path / "saved", max_shard_bytes=400_000)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted((tmp_path / "saved").iterdir())):
+        (blobs / f"blob{i}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+
+    _assert_same_tensors(model.state_dict(), NVLM.from_pretrained(snapshot).state_dict())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_named(tmp_path, bad):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    names = ["mlp1.1.weight", "language_model.model.layers.2.mlp.up_proj.weight"]
+    for name in names:
+        tensors[name][0, 1] = bad
+    save_file(tensors, tmp_path / "model.safetensors")
+
+    with pytest.raises(ValueError, match="not finite") as error:
+        NVLM.from_pretrained(tmp_path)
+    assert all(name in str(error.value) for name in names)
+    loaded = NVLM.from_pretrained(tmp_path, check_weights=False)          # the opt-out
+    assert not torch.isfinite(loaded.mlp1[1].weight).all()
+
+
+def test_overflow_in_the_requested_dtype_is_named(tmp_path):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["mlp1.3.weight"][2, 2] = 1e6                          # finite in float32, inf in fp16
+    save_file(tensors, tmp_path / "model.safetensors")
+
+    NVLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"mlp1\.3\.weight.*not finite.*float16"):
+        NVLM.from_pretrained(tmp_path, dtype=torch.float16)
+
+
+def test_mixed_dtypes_are_named_unless_a_dtype_is_asked_for(tmp_path):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    odd = "vision_model.encoder.layers.1.attn.proj.weight"
+    tensors[odd] = tensors[odd].half()
+    save_file(tensors, tmp_path / "model.safetensors")
+
+    with pytest.raises(ValueError, match=re.escape(odd) + ".*F16") as error:
+        NVLM.from_pretrained(tmp_path)
+    assert "dtype=" in str(error.value)                            # says how to load it anyway
+    as_fp32 = NVLM.from_pretrained(tmp_path, dtype=torch.float32)  # one dtype: well-defined
+    assert {t.dtype for t in as_fp32.state_dict().values()} == {torch.float32}
+    unchecked = NVLM.from_pretrained(tmp_path, check_weights=False)
+    assert unchecked.state_dict()[odd].dtype == torch.float16
+
+
+def test_integer_weights_are_named(tmp_path):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["mlp1.0.bias"] = tensors["mlp1.0.bias"].long()
+    save_file(tensors, tmp_path / "model.safetensors")
+
+    for dtype in (None, torch.float32):            # the cast covers floating tensors only
+        with pytest.raises(ValueError, match=r"mlp1\.0\.bias.*I64"):
+            NVLM.from_pretrained(tmp_path, dtype=dtype)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"not a safetensors file at all",
+                                     (2**60).to_bytes(8, "little") + b"{}"])
+def test_corrupt_safetensors_is_a_value_error_naming_the_file(tmp_path, content):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(content)
+
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors"))):
+        NVLM.from_pretrained(tmp_path)
+
+
+def test_truncated_shard_is_a_value_error_naming_the_file(tmp_path):
+    checkpoint.save_pretrained(_model(VARIANTS["tiny"]), tmp_path, max_shard_bytes=400_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-4])
+
+    with pytest.raises(ValueError, match=re.escape(str(shard))):
+        NVLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json"])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\"text\"", "\udcff"])
+def test_unreadable_json_is_a_value_error_naming_the_file(tmp_path, file, content):
+    checkpoint.save_pretrained(_model(VARIANTS["tiny"]), tmp_path, max_shard_bytes=400_000)
+    (tmp_path / file).write_bytes(content.encode("utf-8", "surrogateescape"))
+
+    with pytest.raises(ValueError, match=re.escape(file)):
+        NVLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("where, value", [
+    ("llm_config.num_hidden_layers", "3"),
+    ("llm_config.num_hidden_layers", "three"),
+    ("llm_config.num_hidden_layers", 3.5),
+    ("llm_config.num_hidden_layers", None),
+    ("llm_config.num_hidden_layers", True),
+    ("llm_config.num_attention_heads", 0),
+    ("vision_config.num_attention_heads", -4),
+    ("vision_config.patch_size", [14, "14"]),
+    ("vision_config.qkv_bias", "false"),
+    ("vision_config.layer_norm_eps", "1e-6"),
+    ("llm_config.rope_theta", [1e4]),
+    ("llm_config.architectures", 5),
+    ("llm_config.rope_scaling", "linear"),
+    ("downsample_ratio", "half"),
+    ("max_dynamic_patch", "6"),
+    ("vision_config", [1]),
+])
+def test_wrong_config_types_name_the_key(tmp_path, where, value):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+
+    def edit(data):
+        *sections, key = where.split(".")
+        for section in sections:
+            data = data[section]
+        data[key] = value
+
+    _without_nvlm_config(tmp_path, edit)
+    with pytest.raises(ValueError, match=re.escape(where)):
+        NVLM.from_pretrained(tmp_path, image_token_id=259)
+
+
+@pytest.mark.parametrize("field, value", [("llm.num_layers", "3"), ("vision.norm_eps", "x"),
+                                          ("max_tiles", [6]), ("xattn_layers", "0"),
+                                          ("llm", 3), ("image_token_id", 2.5)])
+def test_wrong_saved_config_types_name_the_field(tmp_path, field, value):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+
+    def edit(data):
+        data = data["nvlm_config"]
+        *parts, key = field.split(".")
+        for part in parts:
+            data = data[part]
+        data[key] = value
+
+    _edit_config_json(tmp_path, edit)
+    with pytest.raises(ValueError, match=re.escape(f"nvlm_config.{field}")):
+        NVLM.from_pretrained(tmp_path)
