@@ -12,6 +12,7 @@ checkpoints store them); reading a public checkpoint's config.json is nvlm.check
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,26 @@ ARCHS: tuple[str, ...] = ("D", "X", "H")
 # its special tokens. The tiny preset's vocabulary is that tokenizer's, padded to a multiple of 8.
 BYTE_TOKENIZER_IMAGE_TOKEN_ID = 259
 BYTE_TOKENIZER_VOCAB_SIZE = 264
+
+# Regular tiles per image at most, wherever a tile count comes in (configs, checkpoints, flags).
+# Published settings use 6 (NVLM) to 40 (InternVL's largest); 64 leaves room above them while
+# one image's decoder span stays at 65 x 256 = 16,640 tokens (half the 72B model's context) and
+# its 280 candidate grids enumerate in 0.1 ms. An unbounded count once made candidate enumeration
+# allocate 24 GB.
+MAX_TILES_LIMIT = 64
+
+
+def check_max_tiles(value: Any, name: str = "max_tiles") -> int:
+    """`value` if it is an int in [1, MAX_TILES_LIMIT]; else TypeError (not an int) or
+    ValueError, naming `name` (a field or a flag) and the limit."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    if value > MAX_TILES_LIMIT:
+        raise ValueError(f"{name}: expected at most {MAX_TILES_LIMIT} (MAX_TILES_LIMIT; published "
+                         f"NVLM/InternVL settings use 6 to 40), got {value}")
+    return int(value)
 
 
 @dataclass
@@ -144,7 +165,7 @@ class NVLMConfig:
                  "projector.downsample_scale",
                  f"a divisor of the {self.vision.grid_size}-patch grid side",
                  self.projector.downsample_scale)
-        _require(self.max_tiles >= 1, "max_tiles", ">= 1", self.max_tiles)
+        check_max_tiles(self.max_tiles)
         layers = tuple(self.xattn_layers)
         if self.arch == "D":
             _require(not layers, "xattn_layers", "empty for arch 'D'", layers)

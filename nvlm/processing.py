@@ -12,17 +12,20 @@ T the number of tokens of a packed row, B the number of samples in it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
 import math
+import os
 import re
+import stat
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 import nvlm_kernels
-from nvlm.config import NVLMConfig
+from nvlm.config import MAX_TILES_LIMIT, NVLMConfig, check_max_tiles
 from nvlm.llm import sample_positions
 from nvlm.model import IGNORE_INDEX
 from nvlm.xattn import XAttnInputs
@@ -46,6 +49,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: undecodable, truncated, too large, empty or not a regular
+    file. A missing path or a directory raise FileNotFoundError / IsADirectoryError instead."""
+
+
+class SampleTooLong(ValueError):
+    """A sample that needs more tokens than the budget (`max_len`) it was built for."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,14 +78,18 @@ _NVLM_GRID_ORDER: tuple[tuple[int, int], ...] = (
 _NVLM_GRID_RANK = {grid: rank for rank, grid in enumerate(_NVLM_GRID_ORDER)}
 
 
-@functools.lru_cache(maxsize=None)
 def candidate_grids(max_tiles: int = 6) -> tuple[tuple[int, int], ...]:
     """Every (cols, rows) with 1 <= cols * rows <= max_tiles, in the walk order of find_grid.
 
     Sorted by cols * rows; equal products in NVLM.md's order (products up to 6), else rows
-    ascending. For max_tiles = 6 this is NVLM.md's list of 14.
+    ascending. For max_tiles = 6 this is NVLM.md's list of 14. max_tiles is at most
+    MAX_TILES_LIMIT (280 grids for 64).
     """
-    _require_positive_int(max_tiles, "max_tiles")
+    return _candidate_grids(check_max_tiles(max_tiles))
+
+
+@functools.lru_cache(maxsize=MAX_TILES_LIMIT)
+def _candidate_grids(max_tiles: int) -> tuple[tuple[int, int], ...]:
     grids = [(cols, rows) for cols in range(1, max_tiles + 1)
              for rows in range(1, max_tiles // cols + 1)]
     return tuple(sorted(grids, key=lambda g: (g[0] * g[1], _NVLM_GRID_RANK.get(g, g[1]))))
@@ -167,49 +183,108 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     EXIF orientation is applied. Alpha (RGBA, LA, PA, palette or colour-key transparency) is
     composited onto white; grayscale, palette, CMYK, YCbCr... are converted to RGB; 16-bit
     images keep their high byte. Encoded sources are checked against `max_pixels` (width *
-    height, None for no limit) from the header, before anything is decoded.
+    height, None for no limit) from the header, before anything is decoded. A file is read as
+    the decoder asks for it, never whole into memory first.
 
-    Raises ValueError naming the source for undecodable, truncated, too large or zero-sized
-    images, FileNotFoundError for a missing path, TypeError for other source types.
+    Raises ImageError (a ValueError) naming the source for undecodable, truncated, too large or
+    zero-sized images and for paths that are not regular files (a device, a pipe);
+    FileNotFoundError for a missing path, IsADirectoryError for a directory, TypeError for other
+    source types.
     """
     if isinstance(source, Image.Image):
-        return _decoded_rgb(source, "<PIL image>", max_pixels=None)
+        _check_size(source.size, "<PIL image>", max_pixels=None)
+        return _decoded_rgb(source, "<PIL image>")
+    with _opened_image(source, max_pixels) as (image, name):
+        return _decoded_rgb(image, name)
+
+
+def image_size(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image as stored, from its header alone (nothing is decoded; EXIF
+    orientation, which may swap the two, is not applied); the same checks and errors as
+    load_image short of decoding."""
+    if isinstance(source, Image.Image):
+        _check_size(source.size, "<PIL image>", max_pixels=None)
+        return source.size
+    with _opened_image(source, max_pixels) as (image, _name):
+        return image.size
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why `path` is not a regular file, in words ("does not exist", "is a directory", "is not a
+    regular file (a character device)"), or None if it is one. Symlinks are followed; nothing
+    is opened (opening a named pipe blocks, a device may never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    except ValueError:
+        return "is not a valid path (it holds a NUL byte)"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    return f"is not a regular file ({kind})"
+
+
+def open_regular_file(path: str | Path, what: str = "file") -> BinaryIO:
+    """`path` opened for binary reading if it is a regular file. Else FileNotFoundError,
+    IsADirectoryError or ImageError, each saying "{what} '{path}' ..." and why."""
+    problem = regular_file_problem(path)
+    if problem is not None:
+        message = f"{what} {str(path)!r} {problem}"
+        if problem == "does not exist":
+            raise FileNotFoundError(message)
+        raise IsADirectoryError(message) if problem == "is a directory" else ImageError(message)
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+@contextlib.contextmanager
+def _opened_image(source: ImageSource, max_pixels: int | None
+                  ) -> Iterator[tuple[Image.Image, str]]:
+    """An encoded source opened by PIL from its header (pixels not decoded yet: PIL reads them
+    from the file on load()) with its size checked, and its name for messages; a file is
+    closed when the block ends."""
     if isinstance(source, (str, Path)):
-        name = str(source)
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"image file {name!r} does not exist")
-        data = Path(source).read_bytes()
+        name, file = str(source), open_regular_file(source, "image file")
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        name, data = "<image bytes>", bytes(source)
+        name, file = "<image bytes>", io.BytesIO(source)
     else:
         raise TypeError(f"image: expected a path, bytes or a PIL image, "
                         f"got {type(source).__name__}")
-    try:
-        with warnings.catch_warnings():
-            # max_pixels is our bomb check; PIL's own warning would only repeat it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"image {name!r}: {err} (PIL's Image.MAX_IMAGE_PIXELS)") from err
-    except _DECODE_ERRORS as err:
-        raise _decode_error(name, err) from err
-    return _decoded_rgb(image, name, max_pixels)
+    with file:
+        try:
+            with warnings.catch_warnings():
+                # max_pixels is our bomb check; PIL's own warning would only repeat it.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(file)
+        except Image.DecompressionBombError as err:
+            raise ImageError(f"image {name!r}: {err} (PIL's Image.MAX_IMAGE_PIXELS)") from err
+        except _DECODE_ERRORS as err:
+            raise _decode_error(name, err) from err
+        _check_size(image.size, name, max_pixels)
+        yield image, name
 
 
-# What PIL's decoders raise on bad data, depending on the format and where the data breaks.
-_DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error, zlib.error)
+# What PIL's decoders raise on bad data, depending on the format and where the data breaks
+# (ValueError: "Truncated IHDR chunk" from a PNG, "tile cannot extend outside image" from a GIF,
+# both found by tests/test_fuzz_inputs.py).
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, zlib.error)
 
 
-def _decode_error(name: str, err: BaseException) -> ValueError:
-    # PIL's message for unrecognised data names an anonymous BytesIO: say it in words instead.
+def _decode_error(name: str, err: BaseException) -> ImageError:
+    # PIL's message for unrecognised data names an anonymous file: say it in words instead.
     detail = ("no image format recognised" if isinstance(err, Image.UnidentifiedImageError)
               else f"{type(err).__name__}: {err}")
-    return ValueError(f"image {name!r}: cannot decode it, the file is corrupt, truncated or not "
+    return ImageError(f"image {name!r}: cannot decode it, the file is corrupt, truncated or not "
                       f"an image ({detail})")
 
 
-def _decoded_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
-    _check_size(image.size, name, max_pixels)
+def _decoded_rgb(image: Image.Image, name: str) -> Image.Image:
     try:
         # PIL decodes lazily: load() now, so that truncated data fails here and not later in a
         # resize. LOAD_TRUNCATED_IMAGES stays off, so truncation raises instead of padding.
@@ -222,9 +297,9 @@ def _decoded_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image
 def _check_size(size: tuple[int, int], name: str, max_pixels: int | None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise ValueError(f"image {name!r}: expected a non-empty image, got size {width}x{height}")
+        raise ImageError(f"image {name!r}: expected a non-empty image, got size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
-        raise ValueError(
+        raise ImageError(
             f"image {name!r}: {width}x{height} = {width * height} pixels exceeds max_pixels="
             f"{max_pixels}; pass a larger max_pixels to load_image (or None for no limit) if "
             "this image is trusted")
@@ -361,7 +436,7 @@ def normalize_conversation(conversation: Sequence[Mapping[str, Any]]) -> list[tu
             raise TypeError(f"conversation[{i}]: expected a dict, got {type(turn).__name__}")
         role = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise ValueError(f"conversation[{i}]: expected 'from' in human/gpt/system or 'role' "
                              f"in user/assistant/system, got {role!r}")
         if not isinstance(text, str):
@@ -465,7 +540,7 @@ class NVLMProcessor:
 
     def __call__(self, conversations: Sequence[Mapping[str, Any]],
                  images: ImageSource | Sequence[ImageSource] | None = None,
-                 max_tiles: int | None = None) -> ProcessedSample:
+                 max_tiles: int | None = None, max_len: int | None = None) -> ProcessedSample:
         """A training sample from one conversation (a list of turns, see normalize_conversation).
 
         Each `<image>` in the user turns is replaced, in order, by the next image's tiles (its
@@ -474,9 +549,13 @@ class NVLMProcessor:
         both counts otherwise), and the image token itself may not appear as text. Labels are
         IGNORE_INDEX except on the assistant answers and their closing `<|im_end|>`; a
         conversation without an assistant turn has no labelled token.
+
+        max_len: the sample's token budget (a packed row), or None. Over it, SampleTooLong is
+        raised; images are decoded one at a time, and not at all when their headers already
+        show that their decoder tokens alone exceed the budget.
         """
         return self._build(normalize_conversation(conversations), images, max_tiles,
-                           add_generation_prompt=False)
+                           add_generation_prompt=False, max_len=max_len)
 
     def prompt(self, question: str, images: ImageSource | Sequence[ImageSource] | None = None,
                max_tiles: int | None = None, system: str | None = None) -> ProcessedSample:
@@ -488,10 +567,11 @@ class NVLMProcessor:
 
     def _build(self, turns: list[tuple[str, str]],
                images: ImageSource | Sequence[ImageSource] | None, max_tiles: int | None,
-               add_generation_prompt: bool) -> ProcessedSample:
+               add_generation_prompt: bool, max_len: int | None = None) -> ProcessedSample:
         images = _as_image_list(images)
-        max_tiles = self.config.max_tiles if max_tiles is None else max_tiles
-        _require_positive_int(max_tiles, "max_tiles")
+        max_tiles = check_max_tiles(self.config.max_tiles if max_tiles is None else max_tiles)
+        if max_len is not None:
+            _require_positive_int(max_len, "max_len")
         if self.config.arch != "D" and max_tiles > self.config.max_tiles:
             # NVLM-X/H size their tile tags and X-attn memory by the preset
             raise ValueError(f"max_tiles: expected at most config.max_tiles "
@@ -526,10 +606,13 @@ class NVLMProcessor:
             raise ValueError(f"conversation: {num_placeholders} {IMAGE_PLACEHOLDER!r} "
                              f"placeholder(s) in the user turns but {len(images)} image(s) given; "
                              "they must match one to one")
+        if max_len is not None:
+            self._check_image_budget(images, max_tiles, max_len)
 
         tiles: list[Image.Image] = []
         num_tiles: list[int] = []
         for image in images:
+            # Decoded one at a time: only the tiles outlive the loop, not the full-size image.
             image_tiles = dynamic_tiles(load_image(image), self.tile_size, max_tiles,
                                         self.config.use_thumbnail)
             tiles.extend(image_tiles)
@@ -559,6 +642,9 @@ class NVLMProcessor:
         if add_generation_prompt:
             tokens.add(self.tokenizer.encode(chatml_header("assistant")), labelled=False)
 
+        if max_len is not None and len(tokens.ids) > max_len:
+            # Truncating would cut image placeholders or answers: the caller drops the sample.
+            raise SampleTooLong(f"sample: {len(tokens.ids)} tokens > row of {max_len}")
         input_ids = torch.tensor(tokens.ids, dtype=torch.int64)
         decoder_tiles = [base + t for layout, base in zip(layouts, first_tiles)
                          for t in layout.decoder_tiles]
@@ -580,6 +666,27 @@ class NVLMProcessor:
                                labels=torch.tensor(tokens.labels, dtype=torch.int64),
                                pixel_values=pixel_values, num_tiles=num_tiles,
                                num_image_tokens=expected, xattn=xattn)
+
+    def _check_image_budget(self, images: list[ImageSource], max_tiles: int,
+                            max_len: int) -> None:
+        """SampleTooLong if the images alone need more than max_len decoder tokens, found from
+        their headers (image_size) before any pixel is decoded. A lower bound, so a sample that
+        fits is never refused: per image the smaller count of the two orientations (EXIF may
+        turn the image on decoding), and at least one token (NVLM-X: the tags' text)."""
+        needed = 0
+        for i, image in enumerate(images):
+            width, height = image_size(image)
+            needed += max(1, min(self._decoder_image_tokens(w, h, max_tiles)
+                                 for w, h in ((width, height), (height, width))))
+            if needed > max_len:
+                raise SampleTooLong(f"images: the first {i + 1} of {len(images)} need at least "
+                                    f"{needed} tokens, more than a row of {max_len}")
+
+    def _decoder_image_tokens(self, width: int, height: int, max_tiles: int) -> int:
+        """Placeholders in the decoder for a width x height image (NVLM-X: none)."""
+        num_tiles = len(tile_boxes(width, height, self.tile_size, max_tiles,
+                                   self.config.use_thumbnail))
+        return len(self.image_layout(num_tiles).decoder_tiles) * self.tokens_per_tile
 
     def _xattn_sample(self, tokens: "_Tokens", layouts: list[ImageLayout],
                       first_tiles: list[int], decoder_tiles: list[int]) -> XAttnSample:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .config import check_max_tiles
+
 PARTS = ("vision", "projector", "llm", "xattn")
 STAGES = ("vision", "pretrain", "sft")
 
@@ -52,6 +54,7 @@ class StageRecipe:
             if value < (0 if name == "warmup_steps" else 1):
                 raise ValueError(f"{name}: expected >= {0 if name == 'warmup_steps' else 1}, "
                                  f"got {value}")
+        check_max_tiles(self.max_tiles)   # a bound: every tile grid is enumerated
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) \

@@ -159,22 +159,43 @@ def ensure_task(folder: Path, train_n: int, eval_n: int, seed: int = 0,
     want = {"train_n": train_n, "eval_n": eval_n, "seed": seed,
             "spec": asdict((spec or TaskSpec()).validate())}
     if paths["spec"].is_file():
-        have = json.loads(paths["spec"].read_text())
-        have["spec"] = {k: tuple(v) if isinstance(v, list) else v for k, v in have["spec"].items()}
-        if have == want:
-            return paths
+        try:
+            have = json.loads(paths["spec"].read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{paths['spec']}: not valid JSON ({err}); delete the folder's "
+                             "task to write it anew") from None
+        if isinstance(have, dict) and isinstance(have.get("spec"), dict):   # else: rewrite it
+            have["spec"] = {k: tuple(v) if isinstance(v, list) else v
+                            for k, v in have["spec"].items()}
+            if have == want:
+                return paths
     return write_task(folder, train_n, eval_n, seed, spec)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder to write the task into")
-    parser.add_argument("--n", type=int, default=20_000, help="training samples")
-    parser.add_argument("--eval-n", type=int, default=500, help="held-out samples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--digits", type=int, default=TaskSpec.digits)
+    """The flags of `python -m nvlm.data synth`, each checked while parsing (see nvlm.__main__)."""
+    from .__main__ import int_flag, output_dir_flag, seed_flag
+
+    parser.add_argument("--out", type=output_dir_flag, required=True,
+                        help="folder to write the task into")
+    parser.add_argument("--n", type=int_flag(1), default=20_000, help="training samples")
+    parser.add_argument("--eval-n", type=int_flag(1), default=500, help="held-out samples")
+    parser.add_argument("--seed", type=seed_flag, default=0)
+    parser.add_argument("--digits", type=_digits_flag, default=TaskSpec.digits,
+                        help="length of the code to read")
+
+
+def _digits_flag(text: str) -> int:
+    try:
+        digits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
+        TaskSpec(digits=digits).validate()
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return digits
 
 
 def write_task_from_args(args: argparse.Namespace) -> dict[str, Path]:
-    if args.n < 1 or args.eval_n < 1:
-        raise SystemExit(f"--n and --eval-n: expected >= 1, got {args.n} and {args.eval_n}")
     return write_task(Path(args.out), args.n, args.eval_n, args.seed, TaskSpec(digits=args.digits))

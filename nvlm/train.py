@@ -52,7 +52,8 @@ import torch  # noqa: E402
 
 from nvlm import recipes  # noqa: E402
 from nvlm.config import PRESETS, NVLMConfig  # noqa: E402
-from nvlm.data import RowPacker, SampleStream, load_eval_set, parse_data_spec  # noqa: E402
+from nvlm.data import (RowPacker, SampleStream, check_input_file, load_eval_set,  # noqa: E402
+                       parse_data_spec)
 from nvlm.files import RunLock, atomic_directory, remove_temporaries, write_text_atomic  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
@@ -299,8 +300,8 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"--out: {config.out!r} exists and is not a directory")
     if config.image_root is not None and not Path(config.image_root).is_dir():
         raise ValueError(f"--image-root: {config.image_root!r} is not a directory")
-    if config.eval_data is not None and not Path(config.eval_data).is_file():
-        raise ValueError(f"--eval-data: {config.eval_data!r} is not a file")
+    if config.eval_data is not None:
+        check_input_file(config.eval_data, "--eval-data")
     for spec in {config.data, *(s.data for s in config.stages)} - {None}:
         parse_data_spec(spec)   # every file of every stage exists, weights are valid
     for s in config.stages:
@@ -310,7 +311,7 @@ def validate_config(config: TrainConfig) -> None:
             raise ValueError(f"stage {s.name!r}: expected one of {recipes.STAGES}, got {s.stage!r}")
         try:
             s.resolve(config.arch, config.preset)        # fail now, not hours into the run
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError) as err:   # TypeError: a config file's wrong type
             key, _, why = str(err).partition(": ")
             flag = f"--{key.replace('_', '-')}" if key in _STAGE_FIELDS else key
             raise ValueError(f"{flag} (stage {s.name!r}): {why or err}") from None

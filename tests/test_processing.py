@@ -407,6 +407,8 @@ def test_processor_rejects_image_token_in_text(processor):
 def test_processor_rejects_bad_turns(processor):
     with pytest.raises(ValueError, match=r"conversation\[0\].*got 'bot'"):
         processor([{"from": "bot", "value": "hi"}])
+    with pytest.raises(ValueError, match=r"conversation\[0\].*got \['gpt'\]"):   # unhashable
+        processor([{"from": ["gpt"], "value": "hi"}])
     with pytest.raises(TypeError, match=r"conversation\[0\].*got int"):
         processor([{"from": "human", "value": 3}])
     with pytest.raises(TypeError, match="conversation: expected a list of turns"):

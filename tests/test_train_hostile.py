@@ -72,6 +72,7 @@ def straight(task, tmp_path_factory) -> list[float]:
     ({"log_every": 0}, "--log-every"),
     ({"steps": 0}, "--steps"),
     ({"warmup_steps": -1}, "--warmup-steps"),
+    ({"max_tiles": 1_000_000}, "--max-tiles"),
     ({"init": "/nonexistent/checkpoint"}, "--init"),
     ({"eval_data": "/nonexistent.jsonl"}, "--eval-data"),
     ({"image_root": "/nonexistent/images"}, "--image-root"),
