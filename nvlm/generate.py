@@ -11,6 +11,8 @@ looks at the host only every `stop_check_every` steps, to see whether all prompt
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -61,7 +63,7 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
         raise ValueError("prompts: expected at least one prompt, got none")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:  # NaN too
         raise ValueError(f"temperature/top_p: expected temperature >= 0 and 0 < top_p <= 1, got "
                          f"{temperature} and {top_p}")
     for i, prompt in enumerate(prompts):

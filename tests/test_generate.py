@@ -84,6 +84,9 @@ def test_bad_arguments(model):
         generate(model, [prompt], None, max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [prompt], None, top_p=0.0)
+    for temperature in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            generate(model, [prompt], None, temperature=temperature)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [prompt], None, max_new_tokens=model.config.llm.max_position_embeddings)
 
