@@ -82,13 +82,20 @@ def synchronized(fn, device: str):
 def triton_mode(impl: str) -> contextlib.ExitStack:
     """The settings of a Triton row, for the forward and the backward alike (enter it around
     the whole step: autograd runs the backward outside the forward's call): "triton_tuned"
-    tunes the configs, "triton_atomic_dq" adds dQ with atomics; "triton" is the shipped form."""
+    tunes the configs, "triton_atomic_dq" adds dQ with atomics, "triton_kq" runs the keys-on-M
+    dK/dV pass (varlen attention); "triton" is the shipped form."""
     stack = contextlib.ExitStack()
     if impl == "triton_tuned":
         stack.enter_context(nk.autotuning())
-    if impl == "triton_atomic_dq":
-        stack.enter_context(environment("NVLM_KERNELS_ATOMIC_DQ", "1"))
+    for name, variable in TRITON_VARIANTS.items():
+        if impl == name:
+            stack.enter_context(environment(variable, "1"))
     return stack
+
+
+# Backward variants selected by an environment variable (read at each launch), by row name.
+TRITON_VARIANTS = {"triton_atomic_dq": "NVLM_KERNELS_ATOMIC_DQ",
+                   "triton_kq": "NVLM_KERNELS_KEYS_ON_M"}
 
 
 @contextlib.contextmanager

@@ -420,6 +420,7 @@ def correct_parts(ctx: Context) -> list[tuple]:
 
 
 def stage_correct(ctx: Context, part: int | None = None) -> None:
+    from bench_utils import triton_mode  # noqa: PLC0415
     from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
 
     parts = correct_parts(ctx)
@@ -427,9 +428,21 @@ def stage_correct(ctx: Context, part: int | None = None) -> None:
         return run_parts(ctx, len(parts))
     dtype, op = parts[part]
     for case, inputs in _small_cases(ctx, op, dtype):
-        with ctx.guarded("correct", op=op, backend="triton", case=case, dtype=_name(dtype)):
-            comparison = compare_with_reference(op, inputs, "triton")
-            _record_comparison(ctx, comparison, case, **_fa2_yardstick(ctx, op, inputs))
+        for label in _triton_variants(op):
+            with ctx.guarded("correct", op=op, backend=label, case=case, dtype=_name(dtype)), \
+                    triton_mode(label):
+                comparison = compare_with_reference(op, inputs, "triton")
+                comparison.backend = label
+                fa2 = _fa2_yardstick(ctx, op, inputs) if label == "triton" else {}
+                _record_comparison(ctx, comparison, case, **fa2)
+
+
+def _triton_variants(op: str) -> list[str]:
+    """The shipped Triton form, and for varlen attention its backward variants (never run on a
+    card before: each is checked like the default)."""
+    from bench_utils import TRITON_VARIANTS  # noqa: PLC0415
+
+    return ["triton"] + (list(TRITON_VARIANTS) if op == "varlen_attention" else [])
 
 
 def pack_cases(ctx: Context) -> list[tuple[str, str, Callable[[], dict]]]:
@@ -447,16 +460,22 @@ def pack_cases(ctx: Context) -> list[tuple[str, str, Callable[[], dict]]]:
 
 
 def stage_correct_packs(ctx: Context, part: int | None = None) -> None:
+    from bench_utils import triton_mode  # noqa: PLC0415
     from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
 
     cases = pack_cases(ctx)
     if part is None:
         return run_parts(ctx, len(cases))
     op, case, make = cases[part]
-    with ctx.guarded("correct", op=op, backend="triton", case=case, dtype=_name(ctx.dtype)):
-        inputs = make()
-        comparison = compare_with_reference(op, inputs, "triton")
-        _record_comparison(ctx, comparison, case, **_fa2_yardstick(ctx, op, inputs))
+    inputs = None
+    for label in _triton_variants(op):
+        with ctx.guarded("correct", op=op, backend=label, case=case, dtype=_name(ctx.dtype)), \
+                triton_mode(label):
+            inputs = inputs or make()
+            comparison = compare_with_reference(op, inputs, "triton")
+            comparison.backend = label
+            fa2 = _fa2_yardstick(ctx, op, inputs) if label == "triton" else {}
+            _record_comparison(ctx, comparison, case, **fa2)
 
 
 # --- timing
@@ -502,7 +521,7 @@ def _time_row(ctx: Context, fn: Callable, sets: list[dict], *, mode: str, grad_n
 
 def _varlen_rows(ctx: Context, impls: list[str], modes=("forward", "forward+backward"),
                  only: str | None = None, warm_only: bool = False) -> None:
-    from bench_utils import triton_mode  # noqa: PLC0415
+    from bench_utils import TRITON_VARIANTS, triton_mode  # noqa: PLC0415
     from cases import Unavailable, varlen_baseline, varlen_inputs  # noqa: PLC0415
     import nvlm_kernels as nk  # noqa: PLC0415
 
@@ -513,8 +532,8 @@ def _varlen_rows(ctx: Context, impls: list[str], modes=("forward", "forward+back
             grad = mode != "forward"
             sets = None
             for impl in impls:
-                if impl == "triton_atomic_dq" and not grad:
-                    continue
+                if impl in TRITON_VARIANTS and not grad:
+                    continue   # backward variants
                 identity = dict(op="varlen_attention", shape=pack.name, impl=impl,
                                 flops=pack.useful_flops(mode))
                 with ctx.guarded("time", mode=mode, **identity):
@@ -570,7 +589,7 @@ def stage_speed_attention(ctx: Context) -> None:
     from cases import VARLEN_BASELINES  # noqa: PLC0415
 
     baselines = [b for b in VARLEN_BASELINES if b != "flex"]
-    _varlen_rows(ctx, ["triton", "torch_varlen", "triton_atomic_dq"] + baselines[1:])
+    _varlen_rows(ctx, ["triton", "torch_varlen", "triton_kq", "triton_atomic_dq"] + baselines[1:])
     _cross_rows(ctx, ["triton", "eager_sdpa_mask"])
 
 

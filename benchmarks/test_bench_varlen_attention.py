@@ -3,7 +3,8 @@ forward+backward, on the packs of benchmarks/cases.py (NVLM-D SFT rows, causal, 
 64 with GQA 4 and 7; the ViT's 7 x 1024 tiles, non-causal).
 "triton" runs the shipped configurations, "triton_tuned" the tuner's picks among their candidates
 (nk.autotuning; the picks are in the row's extra_info "configs"), "triton_atomic_dq" (backward
-only) adds dQ with atomics from the dK/dV pass instead of a second pass.
+only) adds dQ with atomics from the dK/dV pass instead of a second pass, "triton_kq" (backward
+only) runs the dK/dV pass with keys on M (S^T = K Q^T).
 Baselines (cases.VARLEN_BASELINES): torch's varlen_attn (FlashAttention-2), a per-sequence SDPA
 loop, SDPA on a padded batch, FlexAttention with a document mask built once, and
 flash_attn_varlen_func where installed. FLOPs count only unmasked work.
@@ -62,7 +63,7 @@ def test_forward(benchmark, name, impl):
 
 
 @pytest.mark.parametrize("name", list(VARLEN_PACKS))
-@pytest.mark.parametrize("impl", IMPLS + ["triton_atomic_dq"])
+@pytest.mark.parametrize("impl", IMPLS + ["triton_atomic_dq", "triton_kq"])
 def test_forward_backward(benchmark, name, impl):
     pack = VARLEN_PACKS[name]
     inputs = varlen_inputs(pack, "cuda", torch.bfloat16, requires_grad=True)

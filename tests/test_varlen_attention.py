@@ -81,6 +81,23 @@ def test_atomic_dq_backward(triton_backend, device, causal, monkeypatch):
     assert_matches_reference(OP, inputs, triton_backend)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_keys_on_m_backward(triton_backend, device, causal, atomic_dq, monkeypatch):
+    """NVLM_KERNELS_KEYS_ON_M=1: the dK/dV pass computed transposed (S^T = K Q^T), alone and
+    with atomic dQ; GQA 2, empty and odd-length sequences, lq != lk, peaked scores."""
+    from nvlm_kernels.ops.varlen_attention import keys_on_m_enabled
+
+    monkeypatch.setenv("NVLM_KERNELS_KEYS_ON_M", "1")
+    monkeypatch.setenv("NVLM_KERNELS_ATOMIC_DQ", "1" if atomic_dq else "0")
+    assert keys_on_m_enabled()
+    inputs = pack([1, 7, 0, 40, 65], [3, 7, 5, 33, 65], 4, 2, 40, torch.float32, device, causal)
+    assert_matches_reference(OP, inputs, triton_backend)
+    inputs = pack([45, 70], [45, 70], 2, 1, 64, torch.float16, device, causal)
+    inputs.update(q=inputs["q"] + 3.0, k=inputs["k"] - 3.0, softmax_scale=0.5)
+    assert_matches_reference(OP, inputs, triton_backend)
+
+
 def test_atomic_dq_yields_to_torch_determinism(monkeypatch):
     from nvlm_kernels.ops.varlen_attention import atomic_dq_enabled
 

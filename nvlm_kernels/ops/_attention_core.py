@@ -167,6 +167,36 @@ def dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, gate, qk_scale_log
 
 
 @triton.jit
+def keys_visible_to_rows(cols, row_lo, row_hi):
+    """(cols, rows) mask, visible_keys transposed: key `cols[j]` lies in row i's range."""
+    return (cols[:, None] >= row_lo[None, :]) & (cols[:, None] < row_hi[None, :])
+
+
+@triton.jit
+def dkdv_step_keys_on_m(dk, dv, k, v, q, grad_out, lse, delta, visible_t, gate, qk_scale_log2,
+                        GATED: tl.constexpr, MASKED: tl.constexpr, IEEE_DOTS: tl.constexpr):
+    """dkdv_step computed transposed, keys on the M side of every dot: S^T = K Q^T and
+    dP^T = V dO^T give P^T and dS^T directly, as the A operands of dV += P^T dO and
+    dK += dS^T Q, so no register tile is transposed (Hopper's wgmma takes A from registers only
+    untransposed: dkdv_step's trans(P) and trans(dS) go through shared memory), and with
+    BLOCK_N = 128 keys every dot has M = 128, two m64 wgmmas, whatever BLOCK_M is. Returns dS^T.
+    `visible_t` is (keys, rows) (keys_visible_to_rows)."""
+    scores_t = dot(k, tl.trans(q), IEEE_DOTS)
+    p_t = tl.exp2(scores_t * qk_scale_log2 - lse[None, :])
+    if MASKED:
+        p_t = tl.where(visible_t, p_t, 0.0)
+    dp_t = dot(v, tl.trans(grad_out), IEEE_DOTS)
+    if GATED:
+        dp_t = dp_t * gate
+    ds_t = p_t * (dp_t - delta[None, :])
+    if GATED:
+        p_t = p_t * gate
+    dv += dot(p_t.to(grad_out.dtype), grad_out, IEEE_DOTS)
+    dk += dot(ds_t.to(q.dtype), q, IEEE_DOTS)
+    return dk, dv, ds_t
+
+
+@triton.jit
 def load_query_block(q_ptr, grad_out_ptr, lse_ptr, delta_ptr, rows, row_mask, stride_qt,
                      stride_dot, dims, dim_mask):
     """What the backward needs of a query block: q, dO, lse and delta (pointers at row 0 of the
@@ -277,11 +307,24 @@ CONFIGS = {
     ("sm90", "bwd_dq", 256, "16bit"): (64, 32, 8, 2),
     ("sm80", "bwd_dkdv", 256, "16bit"): (32, 32, 8, 1),
     ("sm80", "bwd_dq", 256, "16bit"): (64, 32, 8, 1),
+    # The keys-on-M dK/dV pass (NVLM_KERNELS_KEYS_ON_M=1, dkdv_step_keys_on_m; head dims <= 128),
+    # a candidate: 128 keys on M of every dot on sm_90 (2 x m64 wgmma, all 4 dots, GQA too), few
+    # query rows per step. sm_90 registers on triton 3.9 (causal, GROUP 1 / 7): d = 32 at 4 warps
+    # 213; d = 64 168 / 209 (4 warps: 255 and 56-160 bytes of spills); d = 128 with 16 rows 233 /
+    # 240 (32 rows at 2 stages: 32 bytes of spills with GQA). d = 256 spilled 368-440 bytes in
+    # every tile tried: the default orientation serves it.
+    **{("sm90", "bwd_dkdv_kq", d, "16bit"): (32, 128, 4, 2) for d in (16, 32)},
+    ("sm90", "bwd_dkdv_kq", 64, "16bit"): (32, 128, 8, 2),
+    ("sm90", "bwd_dkdv_kq", 128, "16bit"): (16, 128, 8, 2),
+    **{("sm80", "bwd_dkdv_kq", d, "16bit"): (32, 64, 4, 2) for d in (16, 32, 64)},
+    ("sm80", "bwd_dkdv_kq", 128, "16bit"): (32, 64, 8, 2),
     **{(arch, "fwd", d, "fp32"): (64, 32, 4, 2) for arch in ("sm90", "sm80")
        for d in (16, 32, 64, 128)},
     **{(arch, "fwd", 256, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")},
     **{(arch, kind, d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
        for kind in ("bwd_dkdv", "bwd_dq") for d in (16, 32, 64, 128)},
+    **{(arch, "bwd_dkdv_kq", d, "fp32"): (32, 32, 4, 1) for arch in ("sm90", "sm80")
+       for d in (16, 32, 64, 128)},
     **{(arch, kind, 256, "fp32"): (16, 16, 4, 1) for arch in ("sm90", "sm80")
        for kind in ("bwd_dkdv", "bwd_dq")},
 }
@@ -298,6 +341,8 @@ ALTERNATIVES = {
     ("sm90", "fwd", 64, "16bit"): ((128, 128, 8, 2),),
     ("sm90", "bwd_dkdv", 64, "16bit"): ((32, 64, 4, 2),),
     ("sm90", "bwd_dq", 64, "16bit"): ((128, 32, 8, 2),),
+    ("sm90", "bwd_dkdv_kq", 128, "16bit"): ((32, 128, 8, 1),),   # 251 / 255 registers
+    ("sm90", "bwd_dkdv_kq", 64, "16bit"): ((16, 128, 8, 2), (32, 64, 4, 2)),
 }
 
 
@@ -308,9 +353,11 @@ def narrow_dots(arch: str, kind: str, block_m: int, width: str, atomic_dq: bool 
     BLOCK_M = 32 tuner candidates) leaves those 2 (3) of its 4 (5) dots on mma.sync, as the gate
     measured on triton 3.9 (2026-11-28). Computing the transposed products (S^T = K Q^T) would
     put BLOCK_N rows on M instead."""
-    if arch != "sm90" or width != "16bit" or kind != "bwd_dkdv" or block_m >= 64:
+    if arch != "sm90" or width != "16bit" or block_m >= 64:
         return 0
-    return 3 if atomic_dq else 2
+    if kind == "bwd_dkdv_kq":   # keys on M everywhere but atomic dQ's dS K
+        return 1 if atomic_dq else 0
+    return (3 if atomic_dq else 2) if kind == "bwd_dkdv" else 0
 
 
 def shipped_configs() -> Iterator[tuple[tuple[str, str, int, str], int, tuple[int, int, int, int]]]:

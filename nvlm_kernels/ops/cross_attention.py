@@ -339,6 +339,8 @@ _STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "st
 def _specs() -> list[KernelSpec]:
     specs = []
     for (arch, kind, padded, width), index, config in shipped_configs():
+        if kind == "bwd_dkdv_kq":
+            continue  # the keys-on-M dK/dV is varlen attention's candidate only, so far
         block_m, block_n, warps, stages = config
         alt = f",alt{index}" if index else ""
         if width == "fp32" and padded < 64:

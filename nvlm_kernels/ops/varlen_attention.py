@@ -20,6 +20,17 @@ copy. The deterministic form is the default; NVLM_KERNELS_ATOMIC_DQ=1 selects th
 (the dK/dV pass adds dS K into the fp32 buffer, and the dQ pass is skipped), so that both can be
 measured on a card: the benchmark's "triton" and "triton_atomic_dq" rows. (No GPU run yet.)
 
+NVLM_KERNELS_KEYS_ON_M=1 runs the dK/dV pass transposed (_attention_core.dkdv_step_keys_on_m:
+S^T = K Q^T, 128 keys on the M side of every dot on sm_90, head dims <= 128), a candidate beside
+the default ("triton_kq" rows). Prediction, to be confirmed or refuted by the GPU run: the default
+pass transposes P and dS in registers for its dV and dK dots, which on Hopper goes through shared
+memory, and at BLOCK_M = 32 two of its four dots fall back to mma.sync (the compile gate counts
+them); dK/dV is 4 of the backward's 7 GEMM units. If those cost what a read-through estimated
+(the backward at 45-70 % of FlashAttention-2's speed at d = 128, 35-40 % for Qwen2-0.5B's GQA-7
+d = 64 pack), the keys-on-M pass should make the backward 1.2-1.4x faster at d = 128. It does not
+touch the GQA work balance (one program still loops over its whole group), which limits the
+d = 64 GQA-7 pack.
+
 The loops themselves (online softmax, softmax backward, dK/dV and dQ accumulation) live in
 _attention_core.py and are shared with cross-attention: this module only turns cu_seqlens and the
 causal rule into per-row key bounds and launches the programs.
@@ -42,7 +53,8 @@ from .._memory import new_output
 from .._registration import register_varlen_attention
 from ..compile_gate import KernelSpec, gqa_groups
 from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dot,
-                              delta_spec_signature, dkdv_step, dq_block, head_dim_padded,
+                              delta_spec_signature, dkdv_step, dkdv_step_keys_on_m, dq_block,
+                              head_dim_padded, keys_visible_to_rows,
                               launch_tuned, load_query_block, load_rows, loop_bounds,
                               narrow_dots, shipped_configs, store_rows, unit_last_stride,
                               visible_keys)
@@ -104,7 +116,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                           stride_ah, total_q, total_k, head_dim, qk_scale_log2, softmax_scale,
                           GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr):
+                          ATOMIC_DQ: tl.constexpr, KEYS_ON_M: tl.constexpr):
     block_n = tl.program_id(0)
     sequence = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -145,9 +157,18 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                 visible = None
                 if masked:
                     row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
-                    visible = visible_keys(cols, row_lo, row_hi)
-                dk, dv, ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
-                                       qk_scale_log2, False, masked, IEEE_DOTS)
+                    if KEYS_ON_M:
+                        visible = keys_visible_to_rows(cols, row_lo, row_hi)
+                    else:
+                        visible = visible_keys(cols, row_lo, row_hi)
+                if KEYS_ON_M:
+                    dk, dv, ds_t = dkdv_step_keys_on_m(dk, dv, k, v, q, grad_out, lse, delta,
+                                                       visible, 1.0, qk_scale_log2, False,
+                                                       masked, IEEE_DOTS)
+                    ds = tl.trans(ds_t)   # only atomic dQ reads it
+                else:
+                    dk, dv, ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
+                                           qk_scale_log2, False, masked, IEEE_DOTS)
                 if ATOMIC_DQ:  # dQ += dS K, in fp32, from every key block (order not fixed)
                     dq_part = dot(ds.to(k.dtype), k, IEEE_DOTS) * softmax_scale
                     tl.atomic_add(dq_acc_ptr + q_base * stride_at + head * stride_ah
@@ -192,6 +213,14 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
                       BLOCK_M, BLOCK_N, HEAD_DIM, IEEE_DOTS)
         store_rows(dq_ptr + q_base * stride_qt + head * stride_qh, rows, stride_qt, dims,
                    dq * softmax_scale, (rows < q_len)[:, None] & dim_mask[None, :])
+
+
+def keys_on_m_enabled() -> bool:
+    """NVLM_KERNELS_KEYS_ON_M=1: the dK/dV pass in the keys-on-M orientation (S^T = K Q^T;
+    _attention_core.dkdv_step_keys_on_m) with its own tiles (CONFIGS' "bwd_dkdv_kq"), a
+    candidate for Hopper until a GPU run times it against the default: the benchmark's
+    "triton_kq" rows."""
+    return os.environ.get("NVLM_KERNELS_KEYS_ON_M") == "1"
 
 
 def atomic_dq_enabled() -> bool:
@@ -266,6 +295,8 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
                grad_out.stride(0), grad_out.stride(1))
     scales = (softmax_scale * LOG2E, softmax_scale)
     atomic_dq = atomic_dq_enabled() and max_seqlen_k > 0
+    keys_on_m = keys_on_m_enabled() and padded <= 128   # d = 256: see CONFIGS' comment
+    dkdv_kind = "bwd_dkdv_kq" if keys_on_m else "bwd_dkdv"
     dq_acc = torch.empty((total_q, heads, head_dim) if atomic_dq else (0, 1, 1),
                          dtype=torch.float32, device=q.device)
 
@@ -276,8 +307,8 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
         _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, *strides,
             dq_acc.stride(0), dq_acc.stride(1), total_q, total_k, head_dim, *scales, **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, num_warps=warps,
-            num_stages=stages)
+            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, KEYS_ON_M=keys_on_m,
+            num_warps=warps, num_stages=stages)
 
     def launch_dq(config):
         block_m, block_n, warps, stages = config
@@ -287,7 +318,7 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
             num_warps=warps, num_stages=stages)
 
     if max_seqlen_k:
-        launch_tuned("varlen_attention", (causal, atomic_dq), q.device, padded, "bwd_dkdv",
+        launch_tuned("varlen_attention", (causal, atomic_dq), q.device, padded, dkdv_kind,
                      q.dtype, launch_dkdv)
     if atomic_dq:
         dq.copy_(dq_acc)
@@ -400,11 +431,14 @@ def _specs() -> list[KernelSpec]:
                 kernel = _attn_bwd_dkdv_kernel
                 signature = {**inputs, "dk_ptr": pointer, "dv_ptr": pointer,
                              "dq_acc_ptr": "*fp32", **offsets, "stride_at": "i32",
-                             "stride_ah": "i32", **scalars, "ATOMIC_DQ": "constexpr"}
+                             "stride_ah": "i32", **scalars, "ATOMIC_DQ": "constexpr",
+                             "KEYS_ON_M": "constexpr"}
                 aligned += ("dk_ptr", "dv_ptr", "dq_acc_ptr", "stride_at", "stride_ah")
-                variants = [("", {**constexprs, "ATOMIC_DQ": False})]
+                keys_on_m = kind == "bwd_dkdv_kq"
+                variants = [("", {**constexprs, "ATOMIC_DQ": False, "KEYS_ON_M": keys_on_m})]
                 if width == "16bit" and padded in (64, 128) and group == 1:  # opt-in atomic dQ
-                    variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True}))
+                    variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True,
+                                                    "KEYS_ON_M": keys_on_m}))
             for suffix, values in variants:
                 specs.append(KernelSpec(
                     name[:-1] + suffix + "]", kernel, signature, values, num_warps=warps,
