@@ -12,25 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvlm import files, synth, train as trainer
+from nvlm import files, train as trainer
 from nvlm.train import RunDiverged, build_config, main, train
-
-SMALL_TASK = synth.TaskSpec(canvas=(224, 112), font_sizes=(14, 16), digits=3)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> dict[str, Path]:
-    return synth.write_task(tmp_path_factory.mktemp("task"), train_n=48, eval_n=6, seed=1,
-                            spec=SMALL_TASK)
+from test_train import losses, task  # noqa: F401  (task: the module's synthetic-data fixture)
+from test_train import run_args as train_run_args
 
 
 def run_args(task, out, **extra) -> dict:
-    """A few-second run: 4 steps of 2 rows x 200 tokens, a checkpoint every 2."""
-    args = {"data": f"{task['train']}:0.8,{task['text']}:0.2", "eval_data": str(task["eval"]),
-            "out": str(out), "stage": "sft", "steps": 4, "global_batch": 2, "seq_len": 200,
-            "warmup_steps": 1, "eval_n": 2, "save_every": 2, "log_every": 1, "seed": 5}
-    args.update(extra)
-    return args
+    """test_train's few-second run (4 steps, a checkpoint every 2), with `extra`."""
+    return train_run_args(task, out, **{"eval_n": 2, **extra})
 
 
 def argv(args: dict) -> list[str]:
@@ -42,10 +32,6 @@ def argv(args: dict) -> list[str]:
         elif value is not None:
             out += [flag, str(value)]
     return out
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
