@@ -420,29 +420,31 @@ def correct_parts(ctx: Context) -> list[tuple]:
 
 
 def stage_correct(ctx: Context, part: int | None = None) -> None:
-    from bench_utils import triton_mode  # noqa: PLC0415
-    from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
-
     parts = correct_parts(ctx)
     if part is None:
         return run_parts(ctx, len(parts))
     dtype, op = parts[part]
     for case, inputs in _small_cases(ctx, op, dtype):
-        for label in _triton_variants(op):
-            with ctx.guarded("correct", op=op, backend=label, case=case, dtype=_name(dtype)), \
-                    triton_mode(label):
-                comparison = compare_with_reference(op, inputs, "triton")
-                comparison.backend = label
-                fa2 = _fa2_yardstick(ctx, op, inputs) if label == "triton" else {}
-                _record_comparison(ctx, comparison, case, **fa2)
+        _check_triton(ctx, op, case, dtype, lambda inputs=inputs: inputs)
 
 
-def _triton_variants(op: str) -> list[str]:
-    """The shipped Triton form, and for varlen attention its backward variants (never run on a
-    card before: each is checked like the default)."""
-    from bench_utils import TRITON_VARIANTS  # noqa: PLC0415
+def _check_triton(ctx: Context, op: str, case: str, dtype, make: Callable[[], dict]) -> None:
+    """Correctness rows of the shipped Triton form and, for varlen attention, of its backward
+    variants (never run on a card before: each is checked like the default); FA2's error beside
+    the default's. The inputs are made once, inside the guard (a failure there is a row too)."""
+    from bench_utils import TRITON_VARIANTS, triton_mode  # noqa: PLC0415
+    from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
 
-    return ["triton"] + (list(TRITON_VARIANTS) if op == "varlen_attention" else [])
+    labels = ["triton"] + (list(TRITON_VARIANTS) if op == "varlen_attention" else [])
+    inputs = None
+    for label in labels:
+        with ctx.guarded("correct", op=op, backend=label, case=case, dtype=_name(dtype)), \
+                triton_mode(label):
+            inputs = inputs or make()
+            comparison = compare_with_reference(op, inputs, "triton")
+            comparison.backend = label
+            fa2 = _fa2_yardstick(ctx, op, inputs) if label == "triton" else {}
+            _record_comparison(ctx, comparison, case, **fa2)
 
 
 def pack_cases(ctx: Context) -> list[tuple[str, str, Callable[[], dict]]]:
@@ -460,31 +462,25 @@ def pack_cases(ctx: Context) -> list[tuple[str, str, Callable[[], dict]]]:
 
 
 def stage_correct_packs(ctx: Context, part: int | None = None) -> None:
-    from bench_utils import triton_mode  # noqa: PLC0415
-    from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
-
     cases = pack_cases(ctx)
     if part is None:
         return run_parts(ctx, len(cases))
     op, case, make = cases[part]
-    inputs = None
-    for label in _triton_variants(op):
-        with ctx.guarded("correct", op=op, backend=label, case=case, dtype=_name(ctx.dtype)), \
-                triton_mode(label):
-            inputs = inputs or make()
-            comparison = compare_with_reference(op, inputs, "triton")
-            comparison.backend = label
-            fa2 = _fa2_yardstick(ctx, op, inputs) if label == "triton" else {}
-            _record_comparison(ctx, comparison, case, **fa2)
+    _check_triton(ctx, op, case, ctx.dtype, make)
 
 
 # --- timing
 
 
-def _input_sets(make: Callable[[int], dict], bytes_per_set: int, device: str) -> list[dict]:
+def _input_sets(make: Callable[[int], dict], device: str, traffic: int = 2) -> list[dict]:
+    """make(0), make(1), ...: enough input copies that one call on each passes through more
+    memory than the cache holds (timing.rotation_count), counting `traffic` times the inputs'
+    bytes per call (outputs and gradients come on top of the inputs)."""
     from timing import rotation_count  # noqa: PLC0415
 
-    return [make(seed) for seed in range(rotation_count(bytes_per_set, device))]
+    first = make(0)
+    copies = rotation_count(traffic * _tensor_bytes(first), device)
+    return [first] + [make(seed) for seed in range(1, copies)]
 
 
 def _tensor_bytes(inputs: dict) -> int:
@@ -505,12 +501,12 @@ def _time_row(ctx: Context, fn: Callable, sets: list[dict], *, mode: str, grad_n
             return fn(**inputs)
         arguments = [(inputs,) for inputs in sets]
     else:
-        grads = [torch.randn_like(fn(**inputs)) for inputs in sets[:1]] * len(sets)
+        grad = torch.randn_like(fn(**sets[0]))   # one output gradient for every input set
 
         def call(inputs, grad):
             tensors = [inputs[name] for name in grad_names]
             return torch.autograd.grad(fn(**inputs), tensors, grad)
-        arguments = list(zip(sets, grads))
+        arguments = [(inputs, grad) for inputs in sets]
     if warm_only:
         call(*arguments[0])
         return
@@ -521,7 +517,7 @@ def _time_row(ctx: Context, fn: Callable, sets: list[dict], *, mode: str, grad_n
 
 def _varlen_rows(ctx: Context, impls: list[str], modes=("forward", "forward+backward"),
                  only: str | None = None, warm_only: bool = False) -> None:
-    from bench_utils import TRITON_VARIANTS, triton_mode  # noqa: PLC0415
+    from bench_utils import TRITON_VARIANTS  # noqa: PLC0415
     from cases import Unavailable, varlen_baseline, varlen_inputs  # noqa: PLC0415
     import nvlm_kernels as nk  # noqa: PLC0415
 
@@ -538,14 +534,11 @@ def _varlen_rows(ctx: Context, impls: list[str], modes=("forward", "forward+back
                                 flops=pack.useful_flops(mode))
                 with ctx.guarded("time", mode=mode, **identity):
                     if sets is None:
-                        probe = varlen_inputs(pack, ctx.device, ctx.dtype, grad)
                         sets = _input_sets(
                             lambda seed: varlen_inputs(pack, ctx.device, ctx.dtype, grad, seed),
-                            _tensor_bytes(probe) * (3 if grad else 2), ctx.device)
+                            ctx.device, 3 if grad else 2)
                     if impl.startswith("triton"):
-                        def fn(impl=impl, **inputs):
-                            with triton_mode(impl), nk.use_backend("triton"):
-                                return nk.varlen_attention(**inputs)
+                        fn = _on_triton(nk.varlen_attention, impl)
                     else:
                         try:
                             fn = varlen_baseline(impl, pack, ctx.device)
@@ -559,9 +552,19 @@ def _varlen_rows(ctx: Context, impls: list[str], modes=("forward", "forward+back
                 ctx.torch.cuda.empty_cache()
 
 
+def _on_triton(op: Callable, impl: str) -> Callable:
+    """op(**inputs) on the Triton backend, in the settings of the row `impl` (triton_mode)."""
+    from bench_utils import triton_mode  # noqa: PLC0415
+    import nvlm_kernels as nk  # noqa: PLC0415
+
+    def run(**inputs):
+        with triton_mode(impl), nk.use_backend("triton"):
+            return op(**inputs)
+    return run
+
+
 def _cross_rows(ctx: Context, impls: list[str], modes=("forward", "forward+backward"),
                 only: str | None = None, warm_only: bool = False) -> None:
-    from bench_utils import triton_mode  # noqa: PLC0415
     from cases import cross_baseline, cross_flops, cross_inputs  # noqa: PLC0415
     import nvlm_kernels as nk  # noqa: PLC0415
 
@@ -570,15 +573,14 @@ def _cross_rows(ctx: Context, impls: list[str], modes=("forward", "forward+backw
             continue
         for mode in modes:
             grad = mode != "forward"
-            sets = [cross_inputs(layout, ctx.device, ctx.dtype, grad, seed) for seed in range(2)]
+            sets = _input_sets(lambda seed: cross_inputs(layout, ctx.device, ctx.dtype, grad, seed),
+                               ctx.device, 3 if grad else 2)
             for impl in impls:
                 identity = dict(op="cross_attention", shape=layout.name, impl=impl,
                                 flops=cross_flops(sets[0], mode))
                 with ctx.guarded("time", mode=mode, **identity):
                     if impl.startswith("triton"):
-                        def fn(impl=impl, **inputs):
-                            with triton_mode(impl), nk.use_backend("triton"):
-                                return nk.cross_attention(**inputs)
+                        fn = _on_triton(nk.cross_attention, impl)
                     else:
                         fn = cross_baseline(impl, layout, sets[0]["kv_start"], sets[0]["kv_end"])
                     _time_row(ctx, fn, sets, mode=mode, grad_names=("q", "k", "v", "gate"),
@@ -586,25 +588,25 @@ def _cross_rows(ctx: Context, impls: list[str], modes=("forward", "forward+backw
 
 
 def stage_speed_attention(ctx: Context) -> None:
+    from bench_utils import TRITON_VARIANTS  # noqa: PLC0415
     from cases import VARLEN_BASELINES  # noqa: PLC0415
 
-    baselines = [b for b in VARLEN_BASELINES if b != "flex"]
-    _varlen_rows(ctx, ["triton", "torch_varlen", "triton_kq", "triton_atomic_dq"] + baselines[1:])
+    # FA2 right after the kernel (the comparison that matters most); Flex has its own stage
+    others = [b for b in VARLEN_BASELINES if b not in ("torch_varlen", "flex")]
+    _varlen_rows(ctx, ["triton", "torch_varlen", *TRITON_VARIANTS, *others])
     _cross_rows(ctx, ["triton", "eager_sdpa_mask"])
 
 
 def _memory_rows(ctx: Context, impls: list[str]) -> None:
     import nvlm_kernels as nk  # noqa: PLC0415
-    from timing import rotation_count  # noqa: PLC0415
 
     for case in ctx.memory_cases():
         nbytes = case.bytes(ctx.dtype)
         for mode in ("forward", "forward+backward"):
             grad = mode != "forward"
-            probe = case.inputs(ctx.device, ctx.dtype, grad)
-            copies = rotation_count(_tensor_bytes(dict(enumerate(probe))), ctx.device)
-            sets = [probe] + [case.inputs(ctx.device, ctx.dtype, grad) for _ in range(copies - 1)]
-            named = [dict(zip(case.arg_names, args)) for args in sets]
+            named = _input_sets(
+                lambda _: dict(zip(case.arg_names, case.inputs(ctx.device, ctx.dtype, grad))),
+                ctx.device, traffic=1)
             grad_names = [case.arg_names[i] for i in case.grad_inputs]
             for impl in impls:
                 identity = dict(op=case.op, shape=case.shape, impl=impl, bytes=nbytes[mode])
@@ -617,7 +619,7 @@ def _memory_rows(ctx: Context, impls: list[str]) -> None:
                             with nk.use_backend(impl):
                                 return case.kernel(*inputs.values())
                     _time_row(ctx, fn, named, mode=mode, grad_names=grad_names, **identity)
-            del sets, named
+            del named
             if ctx.device == "cuda":
                 ctx.torch.cuda.empty_cache()
 
