@@ -144,6 +144,9 @@ class NVLMConfig:
     max_tiles: int = 6               # regular tiles per image; a thumbnail comes on top
     use_thumbnail: bool = True
     thumbnail_tag: str = "<tile_global_thumbnail>"   # `<tile_global>` for the 34B (Yi) model
+    # The 1-D tile tags before each tile's tokens (NVLM.md section 6). False: none, the "no tag"
+    # baseline of the paper's Table 1, NVLM-D only (X and H tie their tags to tiles).
+    tile_tags: bool = True
     # Decoder layers preceded by a gated cross-attention block (NVLM-X/H; empty for NVLM-D).
     xattn_layers: tuple[int, ...] = ()
 
@@ -166,6 +169,10 @@ class NVLMConfig:
                  f"a divisor of the {self.vision.grid_size}-patch grid side",
                  self.projector.downsample_scale)
         check_max_tiles(self.max_tiles)
+        _require(isinstance(self.tile_tags, bool), "tile_tags", "True or False", self.tile_tags)
+        _require(self.tile_tags or self.arch == "D", "tile_tags",
+                 f"True for arch {self.arch!r} (NVLM-X/H tie each tag to its tile)",
+                 self.tile_tags)
         layers = tuple(self.xattn_layers)
         if self.arch == "D":
             _require(not layers, "xattn_layers", "empty for arch 'D'", layers)

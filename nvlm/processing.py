@@ -351,17 +351,19 @@ def image_to_tensor(tiles: Sequence[Image.Image]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def image_prompt(num_tiles: int, tokens_per_tile: int, image_token: str,
-                 thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG, has_thumbnail: bool = True) -> str:
+                 thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG, has_thumbnail: bool = True,
+                 tagged: bool = True) -> str:
     """The NVLM-D text that replaces one `<image>`:
 
         <Image><tile_1>{image_token x tokens_per_tile}...<tile_global_thumbnail>{...}</Image>
 
-    No separators: the released NVLM-D code concatenates exactly like this.
+    No separators: the released NVLM-D code concatenates exactly like this. tagged=False leaves the
+    tile tags out (the paper's Table 1 "no tag" baseline): `<Image>{all tiles' tokens}</Image>`.
     """
     _require_positive_int(tokens_per_tile, "tokens_per_tile")
     if not image_token:
         raise ValueError(f"image_token: expected a non-empty string, got {image_token!r}")
-    tiles = "".join(tag + image_token * tokens_per_tile
+    tiles = "".join((tag if tagged else "") + image_token * tokens_per_tile
                     for tag in tile_tags(num_tiles, thumbnail_tag, has_thumbnail))
     return f"<Image>{tiles}</Image>"
 
@@ -389,7 +391,7 @@ class ImageLayout:
 
 def image_layout(arch: str, num_tiles: int, tokens_per_tile: int, image_token: str,
                  thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG,
-                 has_thumbnail: bool = True) -> ImageLayout:
+                 has_thumbnail: bool = True, tagged: bool = True) -> ImageLayout:
     """NVLM.md sections 6 and 8, per architecture:
 
     - D: `<Image>` + per tile its tag and placeholders + `</Image>` (image_prompt), every tile in
@@ -400,12 +402,17 @@ def image_layout(arch: str, num_tiles: int, tokens_per_tile: int, image_token: s
       decoder; the regular tiles in the memory, each after its embedded tag. [our choice] Without
       a thumbnail tile (use_thumbnail off) the decoder span is `<Image></Image>`; a one-tile
       image is its own thumbnail and has no memory.
+
+    tagged=False (NVLM-D only): no tile tags, the paper's Table 1 "no tag" baseline.
     """
+    if not tagged and arch != "D":
+        raise ValueError(f"tagged: False is for arch 'D' only (NVLM-{arch} ties its tags to "
+                         "tiles)")
     tags = tile_tags(num_tiles, thumbnail_tag, has_thumbnail)
     tiles = list(range(num_tiles))
     if arch == "D":
         return ImageLayout("", [(image_prompt(num_tiles, tokens_per_tile, image_token,
-                                              thumbnail_tag, has_thumbnail), -1)], tiles)
+                                              thumbnail_tag, has_thumbnail, tagged), -1)], tiles)
     if arch == "X":
         return ImageLayout("<Image>", [*zip(tags, tiles), ("</Image>", -1)], [], tiles)
     if arch == "H":
@@ -531,7 +538,7 @@ class NVLMProcessor:
         has_thumbnail = self.config.use_thumbnail or num_tiles == 1
         return image_layout(self.config.arch, num_tiles, self.tokens_per_tile,
                             self.tokenizer.image_token, thumbnail_tag=self.config.thumbnail_tag,
-                            has_thumbnail=has_thumbnail)
+                            has_thumbnail=has_thumbnail, tagged=self.config.tile_tags)
 
     def image_text(self, num_tiles: int) -> str:
         """What one `<image>` with `num_tiles` tiles becomes in the decoder's text."""

@@ -8,9 +8,13 @@ batches). Everything here can be overridden from the trainer's command line or c
 Parts a stage can train: "vision" (InternViT), "projector" (mlp1), "llm" (the decoder and its
 embeddings), "xattn" (NVLM-X/H cross-attention blocks). The ViT is frozen in every NVLM stage.
 
-One stage is ours, not the paper's: "vision", the warm-up of a from-scratch ViT on per-token OCR
-labels (nvlm.warmup), standing in for the pretraining InternViT comes with. In it `global_batch`
-counts tiles, not packed rows, and `seq_len` is unused.
+Two stages are ours, not the paper's; they stand in for the pretraining NVLM's parts come with,
+for models trained from scratch (the demo):
+- "vision", the warm-up of a from-scratch ViT on per-token OCR labels (nvlm.warmup), for
+  InternViT's. In it `global_batch` counts tiles, not packed rows, and `seq_len` is unused.
+- "text", the warm-up of a from-scratch decoder on text alone (the demo's data: find a code in a
+  document and copy it, nvlm.synth.write_recall_split), for the LLM's. An ordinary LM stage that
+  trains the LLM on its data.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 from .config import check_max_tiles
 
 PARTS = ("vision", "projector", "llm", "xattn")
-STAGES = ("vision", "pretrain", "sft")
+STAGES = ("vision", "text", "pretrain", "sft")
 
 
 @dataclass
@@ -102,16 +106,23 @@ VISION_WARMUP = StageRecipe(("vision",), global_batch=32, lr=2e-3, min_lr=2e-4, 
                             max_tiles=6, steps=400)
 
 
+# The text warm-up (not in the paper; module docstring), sized for the tiny demo: 800 steps of one
+# packed row (7-20 documents) take the recall task's loss from 2.7 to about 0.04.
+TEXT_WARMUP = StageRecipe(("llm",), global_batch=1, lr=1e-3, min_lr=1e-4, warmup_steps=20,
+                          betas=(0.9, 0.98), weight_decay=0.1, grad_clip=10.0, seq_len=1024,
+                          max_tiles=1, steps=800)
+
+
 def recipe(arch: str, stage: str, preset: str) -> StageRecipe:
     """The paper's recipe for the big presets; scaled for `tiny` (a CPU model trained from
     scratch): 10-100x larger learning rates, short warm-up, one packed row (about 4 samples) per
     step, many steps -- a from-scratch decoder learns to find the image tokens that hold the
     answer after about a thousand small steps, and fewer larger ones do not get there sooner.
     The freeze sets and optimizer settings stay the paper's."""
-    if stage == "vision":
+    if stage in ("vision", "text"):
         if arch not in ("D", "X", "H"):
             raise ValueError(f"arch: expected D, X or H, got {arch!r}")
-        return VISION_WARMUP
+        return VISION_WARMUP if stage == "vision" else TEXT_WARMUP
     base = paper_recipe(arch, stage)
     if preset != "tiny":
         return base

@@ -118,6 +118,7 @@ class TrainConfig:
     eval_batch: int = 50
     max_new_tokens: int = 12
     synth_train: int = 6_000           # samples of the generated synthetic task
+    no_tile_tags: bool = False         # a new model without tile tags (NVLM-D; ablation)
     stop_at_step: int | None = None    # end the process after this global step (as if killed)
     allow_config_change: bool = False  # --resume with settings other than the run's own
     resume_changes: list[str] = field(default_factory=list)  # what such a resume changed
@@ -128,14 +129,18 @@ class TrainConfig:
 
 
 # The default demo (python nvlm/train.py with no arguments): NVLM's staged training in miniature,
-# sized for about 10 minutes on 2 CPU cores. The tiny model starts from random weights, not from
-# a pretrained ViT and LLM as NVLM does, so a vision warm-up (nvlm.warmup: per-token OCR labels)
-# comes first and gives the ViT the reading skill InternViT brings; then the paper's stages with
-# their freeze sets (ViT frozen): pretrain (the projector, or NVLM-X/H's X-attn), then SFT.
+# sized for under 9 minutes on 2 CPU cores. The tiny model starts from random weights, not from
+# a pretrained ViT and LLM as NVLM does, so two warm-ups come first and stand in for that
+# pretraining: `vision` (nvlm.warmup: per-token OCR labels) gives the ViT the reading skill
+# InternViT brings, `text` (the synthetic task's recall documents: find a code in a text and copy
+# it) gives the decoder the LLM's skill of finding and copying a string from its context. Then
+# the paper's stages with their freeze sets (ViT frozen): pretrain (the projector, or NVLM-X/H's
+# X-attn), then SFT. README, "The demo", has the measurements behind each number.
 def demo_stages(arch: str) -> list[StageConfig]:
     return [StageConfig(name="vision", stage="vision", steps=450),
-            StageConfig(name="pretrain", stage="pretrain", steps=50),
-            StageConfig(name="sft", stage="sft", steps=2400, min_lr=5e-4)]
+            StageConfig(name="text", stage="text", steps=800),
+            StageConfig(name="pretrain", stage="pretrain", steps=150),
+            StageConfig(name="sft", stage="sft", steps=1600, min_lr=5e-4)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -159,6 +164,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     run.add_argument("--log-every", type=int)
     run.add_argument("--eval-n", type=int)
     run.add_argument("--synth-train", type=int, help="samples of the generated synthetic task")
+    run.add_argument("--no-tile-tags", action="store_true", default=None,
+                     help="new NVLM-D model without the 1-D tile tags (the paper's Table 1 "
+                          "baseline)")
     run.add_argument("--allow-config-change", action="store_true", default=None,
                      help="with --resume: continue with settings that differ from the run's own "
                           "(the losses then differ from an uninterrupted run)")
@@ -296,6 +304,9 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"--stop-at-step: expected >= 1, got {config.stop_at_step}")
     if config.init is not None and not (Path(config.init) / "config.json").is_file():
         raise ValueError(f"--init: {config.init!r} is not a checkpoint directory (no config.json)")
+    if config.no_tile_tags and (config.init is not None or config.arch != "D"):
+        raise ValueError("--no-tile-tags: for a new NVLM-D model only (a checkpoint's config "
+                         "decides its own tags; NVLM-X/H tie each tag to its tile)")
     if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
         raise ValueError(f"--out: {config.out!r} exists and is not a directory")
     if config.image_root is not None and not Path(config.image_root).is_dir():
@@ -556,6 +567,8 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[NVLM, Any]:
         tokenizer = load_tokenizer(config.init)
     else:
         model_config = NVLMConfig.from_preset(config.preset, arch=config.arch)
+        model_config.tile_tags = not config.no_tile_tags
+        model_config.validate()
         torch.manual_seed(config.seed)
         model = NVLM(model_config)
         model.init_weights()
@@ -592,6 +605,9 @@ def prepare_data(config: TrainConfig, out: Path, world: World) -> None:
     paths = synth.task_paths(data_dir)
     config.data = f"{paths['train']}:0.9,{paths['text']}:0.1"
     config.eval_data = str(paths["eval"])
+    for stage in config.stages:   # the text warm-up reads the task's recall documents
+        if stage.stage == "text" and stage.data is None:
+            stage.data = str(paths["recall"])
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -837,6 +853,14 @@ def summarize(config: TrainConfig, out: Path, rows: list[dict[str, Any]], model:
         "train_loss_final": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "eval_n": 0, "eval_exact_match": None, "eval_exact_match_blank": None,
     }
+    # Per stage, in order: its first loss and the mean of its last 10 (the LM stages' losses are
+    # not comparable with each other: each has its own data).
+    stage_losses: dict[str, list[float]] = {}
+    for r in rows:
+        stage_losses.setdefault(r["stage"], []).append(r["loss"])
+    summary["stage_losses"] = {name: {"first": values[0],
+                                      "final": sum(values[-10:]) / len(values[-10:])}
+                               for name, values in stage_losses.items()}
     if warmup:
         # Share of glyph tokens whose ordinal and character both came out right, last 10 steps.
         summary["vision_glyph_accuracy"] = sum(warmup[-10:]) / len(warmup[-10:])
