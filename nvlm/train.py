@@ -824,7 +824,8 @@ def _lm_step(model, packer: RowPacker, recipe: recipes.StageRecipe, config: Trai
         (output.loss * weight).backward()
         loss_sum += float(output.loss.detach()) * output.num_label_tokens
     (loss_total,) = world.sum([loss_sum])
-    return loss_total / max(total_count, 1), int(tokens), {"padding": packer.padding_fraction}
+    return loss_total / max(total_count, 1), int(tokens), {"padding": packer.padding_fraction,
+                                                           "samples": sum(map(len, rows))}
 
 
 def _vision_step(model: NVLM, heads: TokenOCRHeads, stream: GlyphStream,

@@ -11,8 +11,8 @@ paper's comparisons in miniature (docs/results.md), two seeds per row.
 
 The table gives, per run: exact match on the 200 held-out images and on the same prompts with
 blank images, the vision warm-up's glyph accuracy, the text warm-up's final loss, the SFT loss
-first -> final, and the run's wall time (one thread each; a lone run on two threads is faster). Below it: the date, the
-machine, the commit.
+first -> final, the SFT stage's samples per second, and the run's wall time (one thread each; a
+lone run on two threads is faster). Below it: the date, the machine, the commit.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Row:
     flags: tuple[str, ...] = ()    # extra train.py flags
 
 
-# The paper's findings at tiny scale (NVLM.md section 11; docs/results.md): one change per row,
+# The paper's findings at tiny scale (docs/results.md): one change per row,
 # everything else the default demo.
 ABLATIONS = (
     Row("NVLM-D, tiles + 1-D tags (the demo)"),
@@ -66,11 +66,30 @@ def run_folder(out: Path, row_index: int, seed: int, ablations: bool) -> Path:
     return out / (f"row{row_index}-seed{seed}" if ablations else f"seed{seed}")
 
 
+def sft_samples_per_s(folder: Path) -> float | None:
+    """Training throughput of the SFT stage (samples, not tokens: NVLM-X puts fewer tokens in
+    the decoder for the same sample), from the run's metrics."""
+    samples = seconds = 0.0
+    with open(folder / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["stage"] == "sft" and "samples" in row:
+                samples += row["samples"]
+                seconds += row["tokens"] / row["tokens_per_s"]
+    return samples / seconds if seconds else None
+
+
+def read_summary(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["sft_samples_per_s"] = sft_samples_per_s(folder)
+    return summary
+
+
 def run_one(folder: Path, row: Row, seed: int) -> dict:
     """train.py in its own single-threaded process; its summary (or the error it ended with)."""
     summary_path = folder / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        return read_summary(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     command = [sys.executable, str(ROOT / "nvlm" / "train.py"), "--seed", str(seed),
@@ -83,7 +102,7 @@ def run_one(folder: Path, row: Row, seed: int) -> dict:
     if done.returncode != 0 or not summary_path.is_file():
         return {"error": f"exit {done.returncode} after {time.perf_counter() - start:.0f} s "
                          f"(see {folder.parent / (folder.name + '.log')})"}
-    return json.loads(summary_path.read_text())
+    return read_summary(folder)
 
 
 def _minutes(seconds: float | None) -> str:
@@ -97,12 +116,12 @@ def _number(value: float | None, digits: int = 3) -> str:
 def table(results: list[tuple[Row, int, dict]], show_rows: bool) -> str:
     head = ["run"] if show_rows else []
     head += ["seed", "exact match", "blank images", "glyph accuracy", "text warm-up loss",
-             "SFT loss first → final", "wall (1 thread)"]
+             "SFT loss first → final", "SFT samples/s", "wall (1 thread)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, seed, s in results:
         cells = [row.name] if show_rows else []
         if "error" in s:
-            cells += [str(seed), s["error"], "", "", "", "", ""]
+            cells += [str(seed), s["error"], "", "", "", "", "", ""]
         else:
             losses = s.get("stage_losses", {})
             text, sft = losses.get("text", {}), losses.get("sft", {})
@@ -111,7 +130,7 @@ def table(results: list[tuple[Row, int, dict]], show_rows: bool) -> str:
                       _number(s.get("vision_glyph_accuracy"), 2),
                       _number(text.get("final"), 3),
                       f"{_number(sft.get('first'), 2)} → {_number(sft.get('final'), 3)}",
-                      _minutes(s.get("wall_s"))]
+                      _number(s.get("sft_samples_per_s"), 1), _minutes(s.get("wall_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
