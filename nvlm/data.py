@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import check_max_tiles
-from .processing import (ImageError, NVLMProcessor, ProcessedSample, SampleTooLong,
-                         regular_file_problem)
+from .images import ImageError, regular_file_problem
+from .packing import ProcessedSample
+from .processing import NVLMProcessor, SampleTooLong
 
 log = logging.getLogger("nvlm.data")
 

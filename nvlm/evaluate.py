@@ -9,7 +9,9 @@ from PIL import Image
 
 from .data import EvalItem
 from .generate import generate
-from .processing import NVLMProcessor, load_image, pack_samples
+from .images import load_image
+from .packing import pack_samples
+from .processing import NVLMProcessor
 
 
 def exact_match(model, processor: NVLMProcessor, items: Sequence[EvalItem], *, blank: bool = False,

@@ -18,9 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .llm import KVCache, PackedLayout, sample_positions
-from .processing import pack_samples
-from .xattn import XAttnInputs
+from .llm import KVCache
+from .packing import PackedLayout, XAttnInputs, pack_samples, sample_positions
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

@@ -22,7 +22,6 @@ B samples (sequences) in the pack, M cache slots per sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -33,37 +32,7 @@ import nvlm_kernels
 
 from .config import LLMConfig
 from .layers import RMSNorm, init_linear
-
-
-@dataclass
-class PackedLayout:
-    """Where each token of a packed batch belongs: what the attention and RoPE need.
-
-    cu_seqlens (B + 1,) int32 offsets of the samples; position_ids (T,) position of each token within
-    its sample; max_seqlen the longest sample. With a KV cache, batch_index (T,) names each token's
-    cache row (its sample) and position_ids its slot.
-    """
-
-    cu_seqlens: torch.Tensor
-    position_ids: torch.Tensor
-    max_seqlen: int
-    batch_index: torch.Tensor | None = None
-
-    def causal_key_ranges(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kv_start, kv_end) int32 of the packed positions `rows` in causal self-attention over
-        the pack: each sees its own sample's tokens up to and including itself."""
-        cu = self.cu_seqlens
-        sample = torch.searchsorted(cu, rows.to(cu.dtype), right=True) - 1  # empty samples skipped
-        return cu[sample], (rows + 1).to(torch.int32)
-
-
-def sample_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sample index, position within the sample) of every token of a pack, both (total,) int64."""
-    lengths = cu_seqlens.diff()
-    sample_index = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device),
-                                           lengths, output_size=total)
-    positions = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[sample_index]
-    return sample_index, positions
+from .packing import PackedLayout
 
 
 class KVCache:

@@ -12,13 +12,13 @@
 Parameter names follow the public NVLM-D / InternVL checkpoints (`vision_model.*`, `mlp1.*`,
 `language_model.model.*`, `language_model.lm_head.*`); nvlm.checkpoint reads and writes them.
 
-Inputs come in two forms, both turned into one packed layout (nvlm.llm.PackedLayout):
+Inputs come in two forms, both turned into one packed layout (nvlm.packing.PackedLayout):
 - rows: input_ids (B, L), each row one sequence; an optional attention_mask (B, L) marks padding
   (left or right), which is dropped before the decoder and gets zero logits;
 - packed: input_ids (T,) or (1, T) holding several samples back to back, with cu_seqlens (B + 1,)
   int32 and optionally position_ids (T,) (default: restarting at 0 in every sample).
 pixel_values (N, 3, S, S) hold all tiles of all images, in the order their placeholders appear.
-NVLM-X/H also take `xattn` (nvlm.xattn.XAttnInputs, built by nvlm.processing.pack_samples): which
+NVLM-X/H also take `xattn` (nvlm.packing.XAttnInputs, built by nvlm.packing.pack_samples): which
 tiles go to the decoder and which to the memory, and each token's range of memory rows.
 
 Shape legend: N tiles, P patches per tile, C ViT width, Q = P / 4 image tokens per tile,
@@ -39,11 +39,11 @@ import nvlm_kernels
 
 from .config import NVLMConfig
 from .layers import init_linear, nvtx_range
-from .llm import PackedLayout, Qwen2ForCausalLM, sample_positions
+from .llm import Qwen2ForCausalLM
+from .packing import (IGNORE_INDEX, PackedLayout, XAttnInputs, next_token_targets,
+                      sample_positions)
 from .vision import InternVisionModel
-from .xattn import XAttnBlock, XAttnInputs
-
-IGNORE_INDEX = -100
+from .xattn import XAttnBlock
 
 
 @dataclass
@@ -150,12 +150,6 @@ class NVLM(nn.Module):
 
         save_pretrained(self, path, **kwargs)
 
-    def chat(self, processor, image, question: str, **generate_kwargs) -> str:
-        """Answer a question about an image (path, PIL image or None); see nvlm.generate."""
-        from .generate import chat
-
-        return chat(self, processor, image, question, **generate_kwargs)
-
     # ----------------------------------------------------------------------------------------
     # Forward
 
@@ -193,7 +187,7 @@ class NVLM(nn.Module):
             if tiles_NQD.shape[0] == 0:
                 return no_rows, no_rows
             raise ValueError(f"xattn: NVLM-{self.config.arch} needs the X-attn inputs of its "
-                             "images (the `xattn` of nvlm.processing.pack_samples) to know which "
+                             "images (the `xattn` of nvlm.packing.pack_samples) to know which "
                              "tiles go to the decoder and which to the memory")
         decoder_MD = tiles_NQD[xattn.decoder_tiles].flatten(0, 1)
         memory_MD = tiles_NQD[xattn.memory_tiles].flatten(0, 1)
@@ -288,17 +282,6 @@ class NVLM(nn.Module):
         # Only positions with a target go through the output projection.
         logits = self.language_model.logits(h if at_targets_only else h[has_target])
         return F.cross_entropy(logits.float(), targets_T[has_target])
-
-
-def next_token_targets(labels_T: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The target of each packed position: the label of the next token of the same sample;
-    IGNORE_INDEX at every sample's last token (nothing follows it within the sample)."""
-    targets_T = torch.full_like(labels_T, IGNORE_INDEX)
-    targets_T[:-1] = labels_T[1:]
-    lengths = cu_seqlens.diff()
-    last = (cu_seqlens[1:] - 1)[lengths > 0].long()
-    targets_T[last] = IGNORE_INDEX
-    return targets_T
 
 
 def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -232,8 +232,8 @@ def ensure_task(folder: Path, train_n: int, eval_n: int, seed: int = 0,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `python -m nvlm.data synth`, each checked while parsing (see nvlm.__main__)."""
-    from .__main__ import int_flag, output_dir_flag, seed_flag
+    """The flags of `python -m nvlm.data synth`, each checked while parsing (see nvlm.flags)."""
+    from .flags import int_flag, output_dir_flag, seed_flag
 
     parser.add_argument("--out", type=output_dir_flag, required=True,
                         help="folder to write the task into")

@@ -57,8 +57,9 @@ from nvlm.data import (RowPacker, SampleStream, check_input_file, load_eval_set,
 from nvlm.files import RunLock, atomic_directory, remove_temporaries, write_text_atomic  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
-from nvlm.model import IGNORE_INDEX, NVLM, next_token_targets  # noqa: E402
-from nvlm.processing import NVLMProcessor, pack_samples  # noqa: E402
+from nvlm.model import NVLM  # noqa: E402
+from nvlm.packing import IGNORE_INDEX, next_token_targets, pack_samples  # noqa: E402
+from nvlm.processing import NVLMProcessor  # noqa: E402
 from nvlm.tokenizer import load_tokenizer  # noqa: E402
 from nvlm.warmup import GlyphStream, TokenOCRHeads, ocr_loss  # noqa: E402
 

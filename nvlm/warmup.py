@@ -35,7 +35,7 @@ import nvlm_kernels
 
 from .config import NVLMConfig
 from .data import DataSpec, JsonlSource, SkipCounter, as_tuple
-from .processing import dynamic_tiles, image_to_tensor, load_image, tile_boxes
+from .images import dynamic_tiles, image_to_tensor, load_image, tile_boxes
 
 MAX_ORDINAL = 15
 NO_LABEL = 0          # class 0 of both heads: no glyph centre in this cell

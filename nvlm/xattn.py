@@ -19,9 +19,6 @@ Shape legend: T text tokens, M memory rows, D width, H query heads, K key/value 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -30,34 +27,6 @@ import nvlm_kernels
 from .config import LLMConfig
 from .layers import RMSNorm, init_linear, nvtx_range
 from .llm import Qwen2MLP
-
-
-@dataclass
-class XAttnInputs:
-    """What NVLM-X/H need besides the token ids: where each tile's image rows go and which memory
-    rows each text token sees. Built by the processor (`pack_samples`), on the tokens' device.
-
-    decoder_tiles: (N_d,) int64, the tiles whose rows fill the decoder's image placeholders, in
-        order (NVLM-H: each image's thumbnail; NVLM-X: none).
-    memory_tiles: (N_m,) int64, the tiles whose rows make up the X-attn memory, in memory order
-        (NVLM-X: every tile; NVLM-H: the regular tiles).
-    memory_ids: NVLM-H only, (M,) ids of the memory: per regular tile the ids of its tag
-        `<tile_k>` then one image placeholder per image row (filled like the decoder's, through
-        `multimodal_embed`); None for NVLM-X, whose memory is the tile rows alone.
-    kv_start, kv_end: int32, input_ids' shape: token i sees memory rows [kv_start, kv_end)
-        (nvlm_kernels.cross_attention_ranges).
-    """
-
-    decoder_tiles: torch.Tensor
-    memory_tiles: torch.Tensor
-    memory_ids: torch.Tensor | None
-    kv_start: torch.Tensor
-    kv_end: torch.Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "XAttnInputs":
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
 
 
 class XAttnBlock(nn.Module):

@@ -21,18 +21,11 @@ from typing import Callable, Iterator
 import torch
 
 from . import reference
+from ._implementation import Implementation
 
 BACKEND_NAMES = ("torch", "triton", "native")
 OPS = ("pixel_shuffle", "pixel_shuffle_layernorm", "multimodal_embed", "varlen_attention",
        "cross_attention")
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """One backend's implementation of one op; `supports` returns None or why it cannot run."""
-
-    fn: Callable
-    supports: Callable[[torch.device, torch.dtype], str | None]
 
 
 @dataclass(frozen=True)

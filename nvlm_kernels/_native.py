@@ -24,7 +24,7 @@ import functools
 import torch
 
 from . import _registration, reference
-from ._backends import Implementation
+from ._implementation import Implementation
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -29,7 +29,8 @@ from PIL import Image
 
 from nvlm.config import NVLMConfig
 from nvlm.data import SampleStream, parse_data_spec
-from nvlm.processing import ImageError, NVLMProcessor, load_image
+from nvlm.images import ImageError, load_image
+from nvlm.processing import NVLMProcessor
 
 TIME_PER_CASE_S = 5.0         # a hang or a quadratic blow-up, not a busy machine
 FUZZ_MAX_PIXELS = 1 << 20

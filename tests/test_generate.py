@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nvlm.generate import generate, sample_next
+from nvlm.generate import chat, generate, sample_next
 from test_model import random_model, sample_ids, small_config
 
 
@@ -109,7 +109,7 @@ def test_cli_generate_answers_like_model_chat(tmp_path, capsys):
             "--prompt", "What colour?", "--max-new-tokens", "5", "--device", "cpu"]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out.rstrip("\n")
-    expected = model.chat(NVLMProcessor.from_config(model.config), image, "What colour?",
-                          max_new_tokens=5)
+    expected = chat(model, NVLMProcessor.from_config(model.config), image, "What colour?",
+                    max_new_tokens=5)
     assert printed == expected
     assert cli_main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2

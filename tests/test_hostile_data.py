@@ -24,8 +24,8 @@ from nvlm.__main__ import main as cli_main
 from nvlm.config import MAX_TILES_LIMIT, NVLMConfig
 from nvlm.data import (JsonlSource, SampleStream, SkipCounter, check_input_file, load_eval_set,
                        main as data_main, parse_data_spec)
-from nvlm.processing import (NVLMProcessor, SampleTooLong, candidate_grids, dynamic_tiles,
-                             find_grid, load_image, tile_boxes)
+from nvlm.images import candidate_grids, dynamic_tiles, find_grid, load_image, tile_boxes
+from nvlm.processing import NVLMProcessor, SampleTooLong
 from nvlm import synth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

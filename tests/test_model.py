@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import nvlm_kernels
 from nvlm.config import LLMConfig, NVLMConfig, ProjectorConfig, VisionConfig
-from nvlm.model import IGNORE_INDEX, NVLM
+from nvlm.model import NVLM
+from nvlm.packing import IGNORE_INDEX
 
 # Small enough for fast CPU tests, odd enough to catch layout mistakes: 2 tiles' worth of
 # 56-px tiles (4x4 patches -> 4 image tokens per tile), 3 query heads over 1 key head.

@@ -20,9 +20,10 @@ from PIL import Image
 
 from nvlm.__main__ import main as cli_main
 from nvlm.config import NVLMConfig
-from nvlm.processing import (IGNORE_INDEX, NVLMProcessor, ProcessedSample, candidate_grids,
-                             chatml, dynamic_tiles, find_grid, image_prompt, image_to_tensor,
-                             load_image, pack_samples, tile_boxes, tile_tags)
+from nvlm.images import (candidate_grids, dynamic_tiles, find_grid, image_to_tensor, load_image,
+                         tile_boxes)
+from nvlm.packing import IGNORE_INDEX, ProcessedSample, pack_samples
+from nvlm.processing import NVLMProcessor, chatml, image_prompt, tile_tags
 from nvlm.tokenizer import ByteTokenizer, HFTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

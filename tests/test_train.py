@@ -16,7 +16,8 @@ from nvlm import recipes, synth
 from nvlm.config import NVLMConfig
 from nvlm.data import RowPacker, SampleStream, parse_data_spec
 from nvlm.model import NVLM
-from nvlm.processing import NVLMProcessor, pack_samples
+from nvlm.packing import pack_samples
+from nvlm.processing import NVLMProcessor
 from nvlm.train import build_config, build_optimizer, lr_at, train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import pytest
 
 from nvlm import recipes, synth
 from nvlm.config import NVLMConfig
-from nvlm.processing import dynamic_tiles
+from nvlm.images import dynamic_tiles
 from nvlm.train import build_config, train
 from nvlm.warmup import IGNORE, NO_LABEL, parse_glyphs, token_labels
 

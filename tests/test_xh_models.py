@@ -14,9 +14,10 @@ from PIL import Image
 
 from nvlm.config import NVLMConfig
 from nvlm.generate import generate
-from nvlm.llm import PackedLayout, sample_positions
+from nvlm.packing import PackedLayout, sample_positions
 from nvlm.model import NVLM
-from nvlm.processing import NVLMProcessor, pack_samples
+from nvlm.packing import pack_samples
+from nvlm.processing import NVLMProcessor
 
 ARCHS = ["X", "H"]
 

@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from .._backends import Implementation
+from .._implementation import Implementation
 
 _LOW_AND_FULL = (torch.float16, torch.bfloat16, torch.float32)
 
