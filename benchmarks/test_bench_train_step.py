@@ -21,7 +21,7 @@ from nvlm import recipes
 from nvlm.config import NVLMConfig
 from nvlm.model import NVLM
 from nvlm.train import build_optimizer
-from nvlm.xattn import XAttnInputs
+from nvlm.packing import XAttnInputs
 
 SAMPLES, TEXT_TOKENS, TILES = 4, 200, 7
 IMAGE_START = 20        # text tokens before the image in each sample
