@@ -1,4 +1,4 @@
-"""GPU time of one call, measured the way GPU.md asks: CUDA-graph replay timed with CUDA events
+"""GPU time of one call, measured the way docs/gpu.md asks: CUDA-graph replay timed with CUDA events
 (the launch gaps of the Python launchers out of the number), inputs rotated over several copies
 so that the L2 cache is not what is measured; an event-timed loop of plain calls where a graph
 cannot be captured; and, beside it, the host time per call (validation, dispatch, launch), the

@@ -30,7 +30,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Geometry of a pixel shuffle: x (N, grid_h*grid_w, C) folded scale x scale into channels.
 // Output token (r, c) on the (grid_h/scale) x (grid_w/scale) grid holds, in this order, the C
 // channels of input patches (scale*r + i, scale*c + j) for i, j in [0, scale), i-major: for
-// scale 2 that is top-left | top-right | bottom-left | bottom-right (NVLM "v2", NVLM.md section 4).
+// scale 2 that is top-left | top-right | bottom-left | bottom-right (NVLM "v2", docs/nvlm.md section 4).
 struct ShuffleGeometry {
   int64_t batch, grid_h, grid_w, channels, scale;
 

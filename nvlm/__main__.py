@@ -50,7 +50,7 @@ def _add_tiles(subparsers: argparse._SubParsersAction) -> None:
                         help="tag of the thumbnail tile (`<tile_global>` for the 34B model)")
     parser.add_argument("--arch", choices=["D", "X", "H"], default=None,
                         help="also show where each tile goes in that architecture: the decoder's "
-                             "sequence or the X-attn memory (NVLM.md sections 1 and 8)")
+                             "sequence or the X-attn memory (docs/nvlm.md sections 1 and 8)")
     parser.set_defaults(run=_run_tiles)
 
 

@@ -245,7 +245,7 @@ def config_from_checkpoint(data: dict[str, Any], shapes: dict[str, Shape]) -> NV
     config = NVLMConfig(vision=vision, llm=llm, projector=projector,
                         use_thumbnail=_flag(data, "use_thumbnail", CONFIG_FILE, True))
     # NVLM-D-72B's config.json says 12, an InternVL leftover: NVLM trains and evaluates with 6
-    # (NVLM.md section 2), so its checkpoints keep the default; other InternVL-chat models keep
+    # (docs/nvlm.md section 2), so its checkpoints keep the default; other InternVL-chat models keep
     # their own value.
     if "max_dynamic_patch" in data and data.get("model_type") != "NVLM_D":
         config.max_tiles = _int(data, "max_dynamic_patch", CONFIG_FILE)
@@ -310,7 +310,7 @@ def _check_image_pipeline(data: dict[str, Any]) -> int | None:
                          "shuffle transposes the token grid; only 'v2' is supported)")
     if data["ps_version"] != "v2":
         raise ValueError(f"config.json: ps_version {data['ps_version']!r} is not supported, only "
-                         "'v2' (the 'v1' pixel shuffle transposes the token grid; NVLM.md "
+                         "'v2' (the 'v1' pixel shuffle transposes the token grid; docs/nvlm.md "
                          "section 4)")
     if data.get("select_layer", -1) != -1:
         raise ValueError(f"config.json: select_layer {data['select_layer']!r} is not supported, "

@@ -1,10 +1,10 @@
 """Configurations of the NVLM model family: one dataclass per part, presets by name.
 
     config = NVLMConfig.from_preset("tiny")          # NVLM-D, CPU-trainable in minutes
-    config = NVLMConfig.from_preset("72b", arch="D") # NVLM-D-72B sizes (NVLM.md sections 3-7)
+    config = NVLMConfig.from_preset("72b", arch="D") # NVLM-D-72B sizes (docs/nvlm.md sections 3-7)
     config = NVLMConfig.from_preset("tiny", arch="X") # NVLM-X: 1-layer projector, X-attn blocks
 
-Numbers come from NVLM.md; a field's comment says where a preset's value comes from when it is not
+Numbers come from docs/nvlm.md; a field's comment says where a preset's value comes from when it is not
 obvious. Configs are plain data: `to_dict()` / `from_dict()` round-trip through JSON (training
 checkpoints store them); reading a public checkpoint's config.json is nvlm.checkpoint's job.
 """
@@ -47,7 +47,7 @@ def check_max_tiles(value: Any, name: str = "max_tiles") -> int:
 
 @dataclass
 class VisionConfig:
-    """InternViT (NVLM.md section 3). Tokens per tile before the shuffle: (image_size / patch_size)^2."""
+    """InternViT (docs/nvlm.md section 3). Tokens per tile before the shuffle: (image_size / patch_size)^2."""
 
     image_size: int = 448            # tile side S in pixels
     patch_size: int = 14
@@ -85,7 +85,7 @@ class VisionConfig:
 
 @dataclass
 class LLMConfig:
-    """A Qwen2-style decoder (NVLM.md section 7); Yi-34B is the same shape without biases."""
+    """A Qwen2-style decoder (docs/nvlm.md section 7); Yi-34B is the same shape without biases."""
 
     vocab_size: int = 152064
     hidden_size: int = 8192
@@ -114,7 +114,7 @@ class LLMConfig:
 
 @dataclass
 class ProjectorConfig:
-    """Pixel shuffle + LayerNorm(4C) -> Linear [-> GELU -> Linear] (NVLM.md sections 4-5).
+    """Pixel shuffle + LayerNorm(4C) -> Linear [-> GELU -> Linear] (docs/nvlm.md sections 4-5).
 
     NVLM-D-72B: hidden = the LLM's MLP width, no biases; InternVL2-style: hidden = the LLM width,
     biases on both Linears. NVLM-X uses one Linear (num_layers = 1).
@@ -144,7 +144,7 @@ class NVLMConfig:
     max_tiles: int = 6               # regular tiles per image; a thumbnail comes on top
     use_thumbnail: bool = True
     thumbnail_tag: str = "<tile_global_thumbnail>"   # `<tile_global>` for the 34B (Yi) model
-    # The 1-D tile tags before each tile's tokens (NVLM.md section 6). False: none, the "no tag"
+    # The 1-D tile tags before each tile's tokens (docs/nvlm.md section 6). False: none, the "no tag"
     # baseline of the paper's Table 1, NVLM-D only (X and H tie their tags to tiles).
     tile_tags: bool = True
     # Decoder layers preceded by a gated cross-attention block (NVLM-X/H; empty for NVLM-D).
@@ -213,7 +213,7 @@ class NVLMConfig:
             every = XATTN_EVERY[name]
             config.arch = arch
             config.xattn_layers = tuple(range(0, config.llm.num_layers, every))
-            if arch == "X":  # NVLM.md section 1: LayerNorm(4C) -> Linear(4C -> D)
+            if arch == "X":  # docs/nvlm.md section 1: LayerNorm(4C) -> Linear(4C -> D)
                 config.projector = dataclasses.replace(config.projector, num_layers=1)
         return config.validate()
 
@@ -283,7 +283,7 @@ def _72b() -> NVLMConfig:
 
 PRESETS = {"tiny": _tiny, "1b": _1b, "34b": _34b, "72b": _72b}
 
-# NVLM-X/H: an X-attn block before decoder layers 0, k, 2k, ... (NVLM.md section 8): k = 8 at 72B
+# NVLM-X/H: an X-attn block before decoder layers 0, k, 2k, ... (docs/nvlm.md section 8): k = 8 at 72B
 # and 6 at 34B give the paper's 10 blocks. [our choice] k = 4 for the 24-layer 1b (6 blocks) and
 # 2 for the 3-layer tiny (blocks before layers 0 and 2).
 XATTN_EVERY = {"tiny": 2, "1b": 4, "34b": 6, "72b": 8}

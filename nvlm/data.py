@@ -9,7 +9,7 @@ and may not leave it: a path that climbs out with `..` is a bad line, and so is,
 is given, an absolute path outside it (without one, an absolute path is used as written). The check
 is on the path's text; symlinks inside the root are followed. Lines without "image" are text-only
 samples. An optional "glyphs" list ([char, left, top, right, bottom] per
-character, in image pixels and reading order) feeds the vision warm-up stage (nvlm.warmup); the
+character, in image pixels and reading order) feeds the vision warm-up stage (nvlm.demo.warmup); the
 other stages ignore it.
 
 The pipeline is deterministic and resumable: `SampleStream` draws each sample's source from a
@@ -26,7 +26,7 @@ when its images alone do not fit) are skipped and counted (a warning names the f
 file and line). A file in which most lines are bad is an error: after its first 32 lines, or at
 its end for a shorter file.
 
-`python -m nvlm.data synth --out DIR --n N` writes the built-in synthetic task (see nvlm.synth).
+`python -m nvlm.data synth --out DIR --n N` writes the built-in synthetic task (see nvlm.demo.synth).
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ def load_eval_set(path: Path, n: int | None = None, image_root: Path | None = No
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from . import synth
+    from .demo import synth
 
     parser = argparse.ArgumentParser(prog="python -m nvlm.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -44,10 +44,10 @@ class ImageError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dynamic high-resolution tiling (NVLM.md section 2)
+# Dynamic high-resolution tiling (docs/nvlm.md section 2)
 # ---------------------------------------------------------------------------------------------
 
-# The order of equal-product grids that NVLM.md lists for max_tiles = 6. InternVL builds the
+# The order of equal-product grids that docs/nvlm.md lists for max_tiles = 6. InternVL builds the
 # candidates as a Python set and sorts it by product, so ties come out in CPython's set iteration
 # order, which no simple rule describes; this table pins it. Grids with a larger product (only
 # reachable when max_tiles > 6) follow by rows ascending. The order inside one product never
@@ -64,8 +64,8 @@ _NVLM_GRID_RANK = {grid: rank for rank, grid in enumerate(_NVLM_GRID_ORDER)}
 def candidate_grids(max_tiles: int = 6) -> tuple[tuple[int, int], ...]:
     """Every (cols, rows) with 1 <= cols * rows <= max_tiles, in the walk order of find_grid.
 
-    Sorted by cols * rows; equal products in NVLM.md's order (products up to 6), else rows
-    ascending. For max_tiles = 6 this is NVLM.md's list of 14. max_tiles is at most
+    Sorted by cols * rows; equal products in docs/nvlm.md's order (products up to 6), else rows
+    ascending. For max_tiles = 6 this is docs/nvlm.md's list of 14. max_tiles is at most
     MAX_TILES_LIMIT (280 grids for 64).
     """
     return _candidate_grids(check_max_tiles(max_tiles))
@@ -80,7 +80,7 @@ def _candidate_grids(max_tiles: int) -> tuple[tuple[int, int], ...]:
 
 def find_grid(width: int, height: int, tile_size: int = 448,
               max_tiles: int = 6) -> tuple[int, int]:
-    """(cols, rows) of the tile grid for a width x height image (NVLM.md section 2, step 2).
+    """(cols, rows) of the tile grid for a width x height image (docs/nvlm.md section 2, step 2).
 
     The grid whose cols/rows is closest to width/height; on an exact tie the later candidate
     wins only if the image has more than half the pixels of that grid
@@ -104,7 +104,7 @@ def find_grid(width: int, height: int, tile_size: int = 448,
 
 def dynamic_tiles(image: Image.Image, tile_size: int = 448, max_tiles: int = 6,
                   use_thumbnail: bool = True) -> list[Image.Image]:
-    """Cut an RGB image into S x S tiles (NVLM.md section 2, steps 3-4).
+    """Cut an RGB image into S x S tiles (docs/nvlm.md section 2, steps 3-4).
 
     The image is resized (bicubic) to (S * cols, S * rows) and cut row-major: tile t is column
     t % cols, row t // cols. With more than one tile and use_thumbnail, the whole image squashed

@@ -1,4 +1,4 @@
-"""The Qwen2-style decoder of NVLM (NVLM.md section 7) over packed sequences, with a static KV cache.
+"""The Qwen2-style decoder of NVLM (docs/nvlm.md section 7) over packed sequences, with a static KV cache.
 
 Names follow Hugging Face's Qwen2ForCausalLM (`model.layers.{i}.self_attn.q_proj`, `lm_head`), so the
 `language_model.*` tensors of NVLM-D / InternVL checkpoints load without renaming.

@@ -85,7 +85,7 @@ class Projector(nn.Sequential):
 
 
 class NVLM(nn.Module):
-    """NVLM-D, -X or -H (NVLM.md section 1), by config.arch. X and H hold their X-attn blocks in
+    """NVLM-D, -X or -H (docs/nvlm.md section 1), by config.arch. X and H hold their X-attn blocks in
     `xattn`, keyed by the index of the decoder layer they precede."""
 
     def __init__(self, config: NVLMConfig) -> None:

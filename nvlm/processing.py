@@ -37,7 +37,7 @@ class SampleTooLong(ValueError):
 
 def tile_tags(num_tiles: int, thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG,
               has_thumbnail: bool = True) -> list[str]:
-    """The 1-D tile tags of NVLM.md section 6, one per tile of an image.
+    """The 1-D tile tags of docs/nvlm.md section 6, one per tile of an image.
 
     With a thumbnail: `<tile_1>` ... `<tile_{n-1}>` and the thumbnail tag last (a one-tile image
     gets only the thumbnail tag: its tile is the whole image). Without: `<tile_1>` ... `<tile_n>`.
@@ -49,7 +49,7 @@ def tile_tags(num_tiles: int, thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG,
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt layout and ChatML (NVLM.md section 6)
+# Prompt layout and ChatML (docs/nvlm.md section 6)
 # ---------------------------------------------------------------------------------------------
 
 def image_prompt(num_tiles: int, tokens_per_tile: int, image_token: str,
@@ -94,7 +94,7 @@ class ImageLayout:
 def image_layout(arch: str, num_tiles: int, tokens_per_tile: int, image_token: str,
                  thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG,
                  has_thumbnail: bool = True, tagged: bool = True) -> ImageLayout:
-    """NVLM.md sections 6 and 8, per architecture:
+    """docs/nvlm.md sections 6 and 8, per architecture:
 
     - D: `<Image>` + per tile its tag and placeholders + `</Image>` (image_prompt), every tile in
       the decoder;
@@ -171,7 +171,7 @@ def chatml(turns: Iterable[tuple[str, str]], add_generation_prompt: bool = False
 # ---------------------------------------------------------------------------------------------
 
 class NVLMProcessor:
-    """Tokenizes conversations with images into a ProcessedSample (NVLM.md sections 2 and 6).
+    """Tokenizes conversations with images into a ProcessedSample (docs/nvlm.md sections 2 and 6).
 
     Tile size, max tiles, thumbnail, thumbnail tag and tokens per tile come from the config.
     `max_tiles` may be overridden per call (pretraining uses 1: one 1x1 tile, no thumbnail).
@@ -188,7 +188,7 @@ class NVLMProcessor:
                              f"{config.llm.vocab_size}, got {tokenizer.vocab_size}")
         self.tokenizer = tokenizer
         self.config = config
-        # What the processor writes around and inside an image span (NVLM.md section 6).
+        # What the processor writes around and inside an image span (docs/nvlm.md section 6).
         self._markup = re.compile(r"</?Image>|<tile_\d+>|" + re.escape(config.thumbnail_tag))
 
     @classmethod

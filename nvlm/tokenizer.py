@@ -5,7 +5,7 @@
     ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n")   # special strings -> one id each
 
 Every tokenizer knows the image placeholder (`<|vision_pad|>` for NVLM-D / Qwen2.5,
-`<IMG_CONTEXT>` for InternVL2) and the ChatML tokens (NVLM.md section 6). The HF `tokenizers`
+`<IMG_CONTEXT>` for InternVL2) and the ChatML tokens (docs/nvlm.md section 6). The HF `tokenizers`
 library is optional: it is imported only when a `tokenizer.json` is actually loaded, and
 `find_image_token_id` reads the same files as plain JSON so the checkpoint loader never needs it.
 """

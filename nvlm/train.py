@@ -14,9 +14,9 @@ run's own saved configuration is the base, and a flag that would change it is re
 --allow-config-change says so:
     python nvlm/train.py --out runs/sft --resume
 
-A run is a list of stages (NVLM.md section 9: pretrain trains the projector, SFT the projector and
+A run is a list of stages (docs/nvlm.md section 9: pretrain trains the projector, SFT the projector and
 the LLM; the ViT stays frozen). `--stage` picks one recipe from nvlm.recipes; the default demo chains
-several (see demo_stages), starting with our `vision` warm-up for a from-scratch ViT (nvlm.warmup,
+several (see demo_stages), starting with our `vision` warm-up for a from-scratch ViT (nvlm.demo.warmup,
 one process only). Stage flags (--steps, --lr, ...) override every stage of the run.
 
 The run folder (--out) gets: config.json (the resolved run), metrics.jsonl (one line per step),
@@ -52,18 +52,22 @@ import torch  # noqa: E402
 
 from nvlm import recipes  # noqa: E402
 from nvlm.config import PRESETS, NVLMConfig  # noqa: E402
-from nvlm.data import (RowPacker, SampleStream, check_input_file, load_eval_set,  # noqa: E402
-                       parse_data_spec)
+from nvlm.data import check_input_file, load_eval_set, parse_data_spec  # noqa: E402
 from nvlm.files import RunLock, atomic_directory, remove_temporaries, write_text_atomic  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
 from nvlm.model import NVLM  # noqa: E402
-from nvlm.packing import IGNORE_INDEX, next_token_targets, pack_samples  # noqa: E402
 from nvlm.processing import NVLMProcessor  # noqa: E402
 from nvlm.tokenizer import load_tokenizer  # noqa: E402
-from nvlm.warmup import GlyphStream, TokenOCRHeads, ocr_loss  # noqa: E402
+from nvlm.demo.warmup import VisionWarmupStage  # noqa: E402
+from nvlm.recipes import build_optimizer, lr_at  # noqa: E402
+from nvlm.stages import LanguageModelStage, Stage, StageContext  # noqa: E402
 
 log = logging.getLogger("nvlm.train")
+
+# The class that runs each recipe stage (nvlm.stages): one training loop for all of them.
+STAGE_KINDS: dict[str, type] = {"vision": VisionWarmupStage, "text": LanguageModelStage,
+                                "pretrain": LanguageModelStage, "sft": LanguageModelStage}
 
 CHECKPOINTS_KEPT = 2
 
@@ -132,13 +136,13 @@ class TrainConfig:
 # The default demo (python nvlm/train.py with no arguments): NVLM's staged training in miniature,
 # sized for under 9 minutes on 2 CPU cores. The tiny model starts from random weights, not from
 # a pretrained ViT and LLM as NVLM does, so two warm-ups come first and stand in for that
-# pretraining: `vision` (nvlm.warmup: per-token OCR labels) gives the ViT the reading skill
+# pretraining: `vision` (nvlm.demo.warmup: per-token OCR labels) gives the ViT the reading skill
 # InternViT brings, `text` (the synthetic task's recall documents: find a code in a text and copy
 # it) gives the decoder the LLM's skill of finding and copying a string from its context. Then
 # the paper's stages with their freeze sets (ViT frozen): pretrain (the projector, or NVLM-X/H's
 # X-attn), then SFT. README, "The demo", has the measurements behind each number.
 def demo_stages(arch: str) -> list[StageConfig]:
-    return [StageConfig(name="vision", stage="vision", steps=450),
+    return [StageConfig(name="vision", stage="vision"),
             StageConfig(name="text", stage="text", steps=800),
             StageConfig(name="pretrain", stage="pretrain", steps=150),
             StageConfig(name="sft", stage="sft", steps=1600, min_lr=5e-4)]
@@ -371,30 +375,6 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Optimization
 
-def build_optimizer(model: torch.nn.Module, recipe: recipes.StageRecipe) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; no weight decay on norms, biases, gates and
-    LayerScale (every parameter with fewer than 2 dims)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel per parameter group instead of a dozen per tensor (the tiny model's step:
-    # 1.8 instead of 7.6 ms on 2 CPU cores); also on FSDP2's sharded DTensor parameters.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, betas=recipe.betas,
-                             fused=True)
-
-
-def lr_at(step: int, recipe: recipes.StageRecipe) -> float:
-    """Linear warm-up to lr, then a cosine decay to min_lr at the last step."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    span = max(1, recipe.steps - recipe.warmup_steps)
-    progress = min(1.0, (step - recipe.warmup_steps) / span)
-    return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints of a run
 
@@ -435,12 +415,12 @@ def read_newest_checkpoint(out: Path, config: TrainConfig, model_config: NVLMCon
     return None
 
 
-def save_checkpoint(out: Path, world: World, model, optimizer, data, position: dict[str, int],
-                    config: TrainConfig, model_config: NVLMConfig,
-                    heads: dict[str, Any] | None = None) -> None:
-    """Everything a resumed run needs, written atomically (temp folder, then rename). `data` is
-    the stage's data position (RowPacker or GlyphStream); `heads` the vision warm-up's heads and
-    their optimizer."""
+def save_checkpoint(out: Path, world: World, model, optimizer, stage: Stage,
+                    position: dict[str, int], config: TrainConfig,
+                    model_config: NVLMConfig) -> None:
+    """Everything a resumed run needs, written atomically (temp folder, then rename): the model
+    and its optimizer, and the stage's own state (its data position; the vision warm-up's heads
+    and their optimizer)."""
     model_state = full_model_state(model)
     optimizer_state = full_optimizer_state(model, optimizer)
     if not world.is_main:
@@ -450,8 +430,7 @@ def save_checkpoint(out: Path, world: World, model, optimizer, data, position: d
         "position": position,
         "model": model_state,
         "optimizer": optimizer_state,
-        "data": data.state_dict(),
-        "heads": heads,
+        "stage": stage.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "train_config": config.to_dict(),
         "model_config": model_config.to_dict(),
@@ -596,7 +575,7 @@ def prepare_data(config: TrainConfig, out: Path, world: World) -> None:
         if config.eval_data is None:
             log.warning("no --eval-data: the final exact-match eval is skipped")
         return
-    from nvlm import synth
+    from nvlm.demo import synth
 
     data_dir = out / "data"
     if world.is_main:
@@ -650,8 +629,8 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
     if config.resume_changes:
         log.warning("--resume with --allow-config-change: %s", "; ".join(config.resume_changes))
     stage_recipes = [s.resolve(config.arch, config.preset) for s in config.stages]
-    for stage, recipe in zip(config.stages, stage_recipes):
-        _check_stage_fits(stage, recipe, config, world)
+    for stage, recipe in zip(config.stages, stage_recipes):   # before any stage trains
+        STAGE_KINDS[stage.stage].check_fits(stage.name, recipe, world, config.micro_batch)
     if world.is_main:
         write_text_atomic(out / "config.json", json.dumps(
             {"train": config.to_dict(), "model": model_config.to_dict()}, indent=2))
@@ -672,95 +651,76 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
 
     global_step = 0
     train_tokens, train_seconds = 0, 0.0
-    padding = []
-    for stage_index, (stage, recipe) in enumerate(zip(config.stages, stage_recipes)):
+    stages: list[Stage] = []
+    for stage_index, (stage_config, recipe) in enumerate(zip(config.stages, stage_recipes)):
         stage_start_global = global_step
         global_step += recipe.steps
         if resumed and stage_index < resumed["position"]["stage"]:
             continue
-        vision = stage.stage == "vision"
         recipes.apply_freeze(model, recipe.trained)
         optimizer = build_optimizer(model, recipe)
-        specs = parse_data_spec(stage.data or config.data)
-        image_root = Path(config.image_root) if config.image_root else None
-        seed = config.seed + 1000 * stage_index
-        if vision:
-            stream = GlyphStream(specs, model_config, recipe.max_tiles, seed, image_root)
-            heads = TokenOCRHeads(model_config.vision.hidden_size
-                                  * model_config.projector.downsample_scale ** 2).to(world.device)
-            head_optimizer = build_optimizer(heads, recipe)
-            data = stream
-        else:
-            stream = SampleStream(specs, processor, seed=seed, max_len=recipe.seq_len,
-                                  max_tiles=recipe.max_tiles, image_root=image_root)
-            heads = head_optimizer = None
-            data = RowPacker(stream, recipe.seq_len)
+        context = StageContext(
+            model=model, processor=processor, specs=parse_data_spec(stage_config.data or config.data),
+            seed=config.seed + 1000 * stage_index,
+            image_root=Path(config.image_root) if config.image_root else None,
+            world=world, micro_batch=config.micro_batch, autocast=autocast)
+        stage = STAGE_KINDS[stage_config.stage](stage_config.name, recipe, context)
+        stages.append(stage)
         step = 0
         if resumed and stage_index == resumed["position"]["stage"]:
             step = resumed["position"]["stage_step"]
             load_full_state(model, optimizer, resumed["model"], resumed["optimizer"])
-            data.load_state_dict(resumed["data"])
-            if heads is not None:
-                heads.load_state_dict(resumed["heads"]["model"])
-                head_optimizer.load_state_dict(resumed["heads"]["optimizer"])
+            stage.load_state_dict(resumed["stage"])
             torch.set_rng_state(resumed["rng"]["torch"])
+        optimizers = [optimizer, *stage.optimizers]
         trainable = [p for p in model.parameters() if p.requires_grad]
-        clipped = trainable + (list(heads.parameters()) if heads is not None else [])
+        clipped = trainable + stage.parameters
         log.info("stage %d/%d %s: training %s (%s parameters), %d steps of %d %s",
                  stage_index + 1, len(config.stages), stage.name, ",".join(recipe.trained),
                  f"{sum(p.numel() for p in trainable):,}", recipe.steps, recipe.global_batch,
-                 "tiles" if vision else f"rows x {recipe.seq_len} tokens")
+                 stage.batch_unit)
 
         while step < recipe.steps:
             t0 = time.perf_counter()
-            for opt in (optimizer, head_optimizer):
-                for group in (opt.param_groups if opt is not None else ()):
+            for opt in optimizers:
+                for group in opt.param_groups:
                     group["lr"] = lr_at(step, recipe)
-            if vision:
-                loss, tokens, extra = _vision_step(model, heads, stream, recipe, world)
-            else:
-                loss, tokens, extra = _lm_step(model, data, recipe, config, world, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, recipe.grad_clip)
-            if not (math.isfinite(loss) and math.isfinite(float(_full_value(grad_norm)))):
+            result = stage.step()
+            grad_norm = float(_full_value(torch.nn.utils.clip_grad_norm_(clipped,
+                                                                         recipe.grad_clip)))
+            if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(out)
                 raise RunDiverged(
-                    f"step {stage_start_global + step + 1} (stage {stage.name!r}): loss {loss}, "
-                    f"gradient norm {float(_full_value(grad_norm))}: not finite. Stopped before "
+                    f"step {stage_start_global + step + 1} (stage {stage.name!r}): loss "
+                    f"{result.loss}, gradient norm {grad_norm}: not finite. Stopped before "
                     f"the update; {'the last good state is ' + str(last) if last else 'nothing was saved'}"
                     ". Lower --lr or --grad-clip, or check the data, then --resume or start over")
-            for opt in (optimizer, head_optimizer):
-                if opt is not None:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - t0
-            train_tokens += int(tokens)
+            train_tokens += result.tokens
             train_seconds += seconds
-            if not vision:
-                padding.append(data.padding_fraction)
             g = stage_start_global + step
             if metrics is not None:
-                metrics.append({"step": g, "stage": stage.name, "loss": loss,
-                                "lr": optimizer.param_groups[0]["lr"],
-                                "grad_norm": float(_full_value(grad_norm)), "tokens": int(tokens),
-                                "tokens_per_s": tokens / seconds,
-                                "skipped": stream.skips.total(), **extra})
-            progress.update(g, stage.name, loss, tokens / seconds)
-            last_step = step == recipe.steps
-            if last_step or step % config.save_every == 0 or g == config.stop_at_step:
+                metrics.append({"step": g, "stage": stage.name, "loss": result.loss,
+                                "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                                "tokens": result.tokens,
+                                "tokens_per_s": result.tokens / seconds,
+                                "skipped": stage.skips.total(), **result.metrics})
+            progress.update(g, stage.name, result.loss, result.tokens / seconds)
+            if step == recipe.steps or step % config.save_every == 0 or g == config.stop_at_step:
                 position = {"stage": stage_index, "stage_step": step, "global_step": g}
-                heads_state = ({"model": heads.state_dict(),
-                                "optimizer": head_optimizer.state_dict()}
-                               if heads is not None else None)
-                save_checkpoint(out, world, model, optimizer, data, position, config,
-                                model_config, heads_state)
+                save_checkpoint(out, world, model, optimizer, stage, position, config,
+                                model_config)
             if g == config.stop_at_step:
                 progress.close()
                 log.info("stopped at step %d (--stop-at-step); resume with --resume", g)
                 return {"stopped_at_step": g}
-        if stream.skips.total() and world.is_main:
-            log.warning("stage %s skipped %d samples: %s", stage.name, stream.skips.total(),
-                        dict(stream.skips.counts))
+        if stage.skips.total() and world.is_main:
+            log.warning("stage %s skipped %d samples: %s", stage.name, stage.skips.total(),
+                        dict(stage.skips.counts))
     progress.close()
 
     # The final model, evaluated on rank 0 as a plain module.
@@ -771,10 +731,9 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
         final.load_state_dict(model_state)
         final.to(world.device).eval()
         final.save_pretrained(out / "model")
-        summary = summarize(config, out, metrics.rows, final, processor, stage_recipes[-1],
+        summary = summarize(config, metrics.rows, stages, final, processor, stage_recipes[-1],
                             world.device)
         summary["tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)
-        summary["padding_fraction"] = padding[-1] if padding else 0.0
         summary["wall_s"] = time.perf_counter() - wall_start
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         from nvlm.plot import plot_loss
@@ -785,69 +744,15 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
     return summary
 
 
-def _check_stage_fits(stage: StageConfig, recipe: recipes.StageRecipe, config: TrainConfig,
-                      world: World) -> None:
-    """What can only be checked once the world size is known, before any stage trains."""
-    if stage.stage == "vision":
-        if world.distributed:
-            raise ValueError(f"stage {stage.name!r}: the vision warm-up runs in one process "
-                             "(its heads live outside the FSDP-sharded model); run it alone "
-                             "first, then --init the sharded run from its model/")
-        return
-    rows_per_rank, rem = divmod(recipe.global_batch, world.size)
-    if rem or rows_per_rank % config.micro_batch:
-        raise ValueError(f"--global-batch {recipe.global_batch} (stage {stage.name!r}): must "
-                         f"split into {world.size} rank(s) x --micro-batch {config.micro_batch} "
-                         "x accumulation")
-
-
-def _lm_step(model, packer: RowPacker, recipe: recipes.StageRecipe, config: TrainConfig,
-             world: World, autocast) -> tuple[float, int, dict[str, float]]:
-    """Forward and backward of one optimizer step's packed rows (pretrain, SFT): the step's
-    mean loss over all its targets on all ranks, its tokens, and the row padding so far."""
-    rows = [packer.next_row() for _ in range(recipe.global_batch)]
-    mine = rows[world.rank::world.size]
-    batches = [pack_samples([s for row in mine[i:i + config.micro_batch] for s in row])
-               for i in range(0, len(mine), config.micro_batch)]
-    counts = [int((next_token_targets(b.labels, b.cu_seqlens) != IGNORE_INDEX).sum())
-              for b in batches]
-    total_count, tokens = world.sum([sum(counts), sum(len(b) for b in batches)])
-    loss_sum = 0.0
-    for batch in batches:
-        batch = batch.to(world.device)
-        with autocast:
-            output = model(batch.input_ids, batch.pixel_values, batch.labels,
-                           cu_seqlens=batch.cu_seqlens, position_ids=batch.position_ids,
-                           max_seqlen=batch.max_seqlen, xattn=batch.xattn, return_logits=False)
-        # The step's loss is the mean over all its targets on all ranks; FSDP averages
-        # gradients over ranks, hence the world size.
-        weight = output.num_label_tokens * world.size / max(total_count, 1)
-        (output.loss * weight).backward()
-        loss_sum += float(output.loss.detach()) * output.num_label_tokens
-    (loss_total,) = world.sum([loss_sum])
-    return loss_total / max(total_count, 1), int(tokens), {"padding": packer.padding_fraction,
-                                                           "samples": sum(map(len, rows))}
-
-
-def _vision_step(model: NVLM, heads: TokenOCRHeads, stream: GlyphStream,
-                 recipe: recipes.StageRecipe, world: World) -> tuple[float, int, dict[str, float]]:
-    """Forward and backward of one vision warm-up step (global_batch tiles, one process)."""
-    batch = stream.next_batch(recipe.global_batch).to(world.device)
-    loss, stats = ocr_loss(model.vision_model, heads, batch,
-                           model.config.projector.downsample_scale)
-    loss.backward()
-    return float(loss.detach()), batch.pixel_values.shape[0] * model.config.tokens_per_tile, stats
-
-
-def summarize(config: TrainConfig, out: Path, rows: list[dict[str, Any]], model: NVLM,
-              processor: NVLMProcessor, recipe: recipes.StageRecipe,
+def summarize(config: TrainConfig, rows: list[dict[str, Any]], stages: Sequence[Stage],
+              model: NVLM, processor: NVLMProcessor, recipe: recipes.StageRecipe,
               device: torch.device) -> dict[str, Any]:
     from nvlm.evaluate import exact_match
 
-    # The language-model loss: the vision warm-up's rows (OCR loss) are reported apart.
-    losses = [r["loss"] for r in rows if "glyph_tokens" not in r]
-    warmup = [r["glyph_accuracy"] for r in rows
-              if "glyph_tokens" in r and r["glyph_accuracy"] is not None]
+    # The language model's loss, over the stages whose loss is the language model's (the vision
+    # warm-up's OCR loss is its own: in stage_losses, and its accuracy in its summary).
+    lm_stages = {s.name for s in stages if s.reports_lm_loss}
+    losses = [r["loss"] for r in rows if r["stage"] in lm_stages]
     summary: dict[str, Any] = {
         "steps": len(rows),
         "train_loss_first": losses[0] if losses else None,
@@ -863,9 +768,8 @@ def summarize(config: TrainConfig, out: Path, rows: list[dict[str, Any]], model:
     summary["stage_losses"] = {name: {"first": values[0],
                                       "final": sum(values[-10:]) / len(values[-10:])}
                                for name, values in stage_losses.items()}
-    if warmup:
-        # Share of glyph tokens whose ordinal and character both came out right, last 10 steps.
-        summary["vision_glyph_accuracy"] = sum(warmup[-10:]) / len(warmup[-10:])
+    for stage in stages:   # what each stage reports of itself, later stages winning
+        summary.update(stage.summary([r for r in rows if r["stage"] == stage.name]))
     if config.eval_data:
         items = load_eval_set(Path(config.eval_data), config.eval_n,
                               Path(config.image_root) if config.image_root else None)

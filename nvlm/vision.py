@@ -1,4 +1,4 @@
-"""InternViT, the vision encoder of NVLM (NVLM.md section 3), over all tiles of a batch packed.
+"""InternViT, the vision encoder of NVLM (docs/nvlm.md section 3), over all tiles of a batch packed.
 
 Module and parameter names follow the InternVL / NVLM-D checkpoints (`embeddings.patch_embedding`,
 `encoder.layers.{i}.attn.qkv`, `ls1`, ...), so their state dicts load without renaming.

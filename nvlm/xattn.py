@@ -1,4 +1,4 @@
-"""The gated cross-attention (X-attn) block of NVLM-X and NVLM-H (NVLM.md section 8).
+"""The gated cross-attention (X-attn) block of NVLM-X and NVLM-H (docs/nvlm.md section 8).
 
     h = h + tanh(attn_gate) * XAttn(RMSNorm(h), memory)
     h = h + tanh(ffn_gate)  * FFN(RMSNorm(h))

@@ -23,7 +23,7 @@ def _skip_reason(backend: str, op: str, device: str, dtype) -> str | None:
         return "n/a"
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16 and op in (
             "varlen_attention", "cross_attention"):
-        return "skip"  # the interpreter's tl.dot on bf16 is wrong (DESIGN.md); covered on GPU
+        return "skip"  # the interpreter's tl.dot on bf16 is wrong (docs/design.md); covered on GPU
     return None
 
 

@@ -1,4 +1,4 @@
-"""Static GPU checks that need no GPU (DESIGN.md, "Static GPU checks").
+"""Static GPU checks that need no GPU (docs/design.md, "Static GPU checks").
 
 Triton: every shipped kernel x config x key specialization (its `KernelSpec`, registered by the op
 modules in nvlm_kernels/ops) is compiled ahead of time for sm_80 and sm_90; the cubin's resource

@@ -22,7 +22,7 @@ def pixel_shuffle(x: torch.Tensor, scale: int = 2,
     Returns:
         `(N, L / s^2, C * s^2)`: token (r, c) of the (h/s) x (w/s) grid holds the channels of
         patches (s*r + i, s*c + j) for i, j in [0, s), i-major; for s = 2:
-        `[ (2r, 2c) | (2r, 2c+1) | (2r+1, 2c) | (2r+1, 2c+1) ]` (NVLM.md section 4).
+        `[ (2r, 2c) | (2r, 2c+1) | (2r+1, 2c) | (2r+1, 2c+1) ]` (docs/nvlm.md section 4).
     """
     grid = _validate.shuffle_grid(x, scale, grid)
     return _backends.implementation("pixel_shuffle", x)(x, scale=scale, grid=grid)
@@ -94,7 +94,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
                     kv_end: torch.Tensor, softmax_scale: float | None = None,
                     gate: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Gated cross-attention of packed text queries over a packed memory (NVLM-X/H, NVLM.md §8).
+    """Gated cross-attention of packed text queries over a packed memory (NVLM-X/H, docs/nvlm.md §8).
 
     Args:
         q: `(total_q, nheads_q, headdim)` text queries.

@@ -1,4 +1,4 @@
-"""Per-query key ranges for gated cross-attention (NVLM-X / NVLM-H, NVLM.md section 8).
+"""Per-query key ranges for gated cross-attention (NVLM-X / NVLM-H, docs/nvlm.md section 8).
 
 Every X-attn mask in NVLM is one contiguous range of the packed memory per text token, so
 `cross_attention` takes `(kv_start, kv_end)` instead of a dense mask. This module builds them on

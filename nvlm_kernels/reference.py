@@ -2,7 +2,7 @@
 
 Written for clarity, with autograd doing the backward. Each function takes the arguments of the
 public op (nvlm_kernels.<op>) after validation; the tests run these in float64 and every other
-backend must match them (DESIGN.md, "Correctness rule").
+backend must match them (docs/design.md, "Correctness rule").
 
 Precision follows fused kernels: attention scores q k^T and the softmax in at least float32, the
 probabilities rounded to the input dtype before P v; LayerNorm statistics in at least float32.
@@ -25,7 +25,7 @@ _CROSS_ATTENTION_QUERY_BLOCK = 256
 
 def pixel_shuffle(x: torch.Tensor, scale: int = 2, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """x (N, h*w, C) -> (N, (h/s)*(w/s), C*s*s); output token (r, c) holds input patches
-    (s*r + i, s*c + j) for i, j in [0, s), i-major (NVLM "v2" layout, NVLM.md section 4)."""
+    (s*r + i, s*c + j) for i, j in [0, s), i-major (NVLM "v2" layout, docs/nvlm.md section 4)."""
     h, w = _validate.shuffle_grid(x, scale, grid)
     n, _, c = x.shape
     x_grid = x.reshape(n, h // scale, scale, w // scale, scale, c)  # (n, r, i, c', j, C)

@@ -1,4 +1,4 @@
-"""Checking a backend against the float64 reference (DESIGN.md, "Correctness rule").
+"""Checking a backend against the float64 reference (docs/design.md, "Correctness rule").
 
 `compare_with_reference(op, inputs, backend)` runs an op three ways on the same random inputs:
   1. reference.py in float64 (the truth),
@@ -233,7 +233,7 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def interpreter_safe_dtypes(device: str | torch.device) -> list[torch.dtype]:
     """The dtypes a dot kernel's test can check here: fp32 and fp16 everywhere, bf16 on a GPU
-    only (the Triton interpreter's tl.dot on bf16 is wrong, DESIGN.md)."""
+    only (the Triton interpreter's tl.dot on bf16 is wrong, docs/design.md)."""
     cuda = torch.device(device).type == "cuda"
     return [torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])
 

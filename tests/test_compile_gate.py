@@ -1,4 +1,4 @@
-"""The compile gate (DESIGN.md, "Static GPU checks"): every shipped Triton kernel compiles for
+"""The compile gate (docs/design.md, "Static GPU checks"): every shipped Triton kernel compiles for
 sm_80 and sm_90 without spills and within shared memory, and every csrc/**/*.cu compiles with
 nvcc; probe kernels prove the toolchain reads back the real resource usage."""
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nvlm import recipes, synth
+from nvlm import recipes
+from nvlm.demo import synth
 from nvlm.config import NVLMConfig
 from nvlm.processing import NVLMProcessor
 from nvlm.train import build_config, train

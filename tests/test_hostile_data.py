@@ -26,7 +26,7 @@ from nvlm.data import (JsonlSource, SampleStream, SkipCounter, check_input_file,
                        main as data_main, parse_data_spec)
 from nvlm.images import candidate_grids, dynamic_tiles, find_grid, load_image, tile_boxes
 from nvlm.processing import NVLMProcessor, SampleTooLong
-from nvlm import synth
+from nvlm.demo import synth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = NVLMConfig.from_preset("tiny")          # 112-px tiles, 16 tokens per tile

@@ -12,10 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # nvlm's modules from the bottom up; a module may import its own layer or any lower one.
 NVLM_LAYERS = (
-    {"config", "files", "flags", "layers", "packing", "plot", "tokenizer", "images"},
-    {"processing", "llm", "vision", "xattn"},
-    {"model", "data", "synth"},
-    {"warmup", "generate", "evaluate", "checkpoint", "recipes", "distributed"},
+    {"config", "files", "flags", "layers", "packing", "plot", "tokenizer", "images", "demo"},
+    {"processing", "llm", "vision", "xattn", "demo.synth"},
+    {"model", "data"},
+    {"generate", "evaluate", "checkpoint", "recipes", "distributed", "stages"},
+    {"demo.warmup"},
     {"train", "__main__"},
 )
 # Documented lazy facades, in the style of Hugging Face: NVLM.from_pretrained / save_pretrained

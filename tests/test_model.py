@@ -306,7 +306,7 @@ def test_preset_parameter_counts():
     with torch.device("meta"):
         nvlm_72b = NVLM(NVLMConfig.from_preset("72b"))
         nvlm_1b = NVLM(NVLMConfig.from_preset("1b"))
-    # NVLM.md: about 79.4 B with the checkpoint's zero-padded ViT heads, 78.9 B without.
+    # docs/nvlm.md: about 79.4 B with the checkpoint's zero-padded ViT heads, 78.9 B without.
     assert nvlm_72b.num_params() / 1e9 == pytest.approx(78.9, abs=0.05)
     assert nvlm_72b.num_params(include_dummy_heads=True) / 1e9 == pytest.approx(79.4, abs=0.05)
     # InternVL2-1B (InternViT-300M + Qwen2-0.5B): 0.94 B with its 4096 -> 896 projector is the

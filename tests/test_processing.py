@@ -1,6 +1,6 @@
 """Image tiling, image loading, prompt layout, the NVLM-D processor, packing and the CLI.
 
-Expectations are written out here from NVLM.md (sections 2 and 6), not computed with the code
+Expectations are written out here from docs/nvlm.md (sections 2 and 6), not computed with the code
 under test. Tile sizes are small (28 px: 2x2 patches, 1 token per tile) so that prompts can be
 spelled out and the run stays fast.
 """
@@ -41,7 +41,7 @@ def encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
     return buffer.getvalue()
 
 
-# --- Tiling (NVLM.md section 2) -------------------------------------------------------------------
+# --- Tiling (docs/nvlm.md section 2) -------------------------------------------------------------------
 
 NVLM_ORDER_6 = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5), (5, 1),
                 (6, 1), (2, 3), (1, 6), (3, 2)]
@@ -62,7 +62,7 @@ def test_candidate_grids_other_max_tiles():
     assert products == sorted(products)
 
 
-# (width, height) -> (grid, tiles), NVLM.md's worked examples (S=448, max 6).
+# (width, height) -> (grid, tiles), docs/nvlm.md's worked examples (S=448, max 6).
 WORKED_EXAMPLES = [
     ((448, 448), (1, 1), 1), ((600, 600), (1, 1), 1), ((1024, 1024), (2, 2), 5),
     ((1000, 500), (2, 1), 3), ((1920, 1080), (2, 1), 3), ((640, 480), (3, 2), 7),
@@ -276,7 +276,7 @@ def test_load_image_rejects_corrupt_truncated_huge_and_empty(tmp_path):
         load_image(Image.new("RGB", (0, 5)))
 
 
-# --- Prompt layout and ChatML (NVLM.md section 6) ----------------------------------------------
+# --- Prompt layout and ChatML (docs/nvlm.md section 6) ----------------------------------------------
 
 def test_tile_tags():
     assert tile_tags(1) == ["<tile_global_thumbnail>"]

@@ -1,4 +1,4 @@
-"""cross_attention_ranges against masks built token by token from the rules of NVLM.md section 8."""
+"""cross_attention_ranges against masks built token by token from the rules of docs/nvlm.md section 8."""
 
 from __future__ import annotations
 

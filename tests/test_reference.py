@@ -40,7 +40,7 @@ def test_pixel_shuffle_matches_explicit_layout(n, h, w, c, s):
 
 
 def test_pixel_shuffle_is_nvlm_v2_layout():
-    """NVLM.md section 4 spelled out on a 4x4 grid whose channel value is its token index:
+    """docs/nvlm.md section 4 spelled out on a 4x4 grid whose channel value is its token index:
     output token (r, c) = [(2r,2c) | (2r,2c+1) | (2r+1,2c) | (2r+1,2c+1)]."""
     x = torch.arange(16, dtype=f64).reshape(1, 16, 1)
     out = reference.pixel_shuffle(x, 2)[0]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvlm import recipes, synth
+from nvlm import recipes
+from nvlm.demo import synth
 from nvlm.config import NVLMConfig
 from nvlm.data import RowPacker, SampleStream, parse_data_spec
 from nvlm.model import NVLM

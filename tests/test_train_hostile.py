@@ -5,6 +5,7 @@ run on the same folder. Atomic writes fsync before they rename."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from nvlm import files, train as trainer
+from nvlm.stages import LanguageModelStage
 from nvlm.train import RunDiverged, build_config, main, train
 from test_train import losses, task  # noqa: F401  (task: the module's synthetic-data fixture)
 from test_train import run_args as train_run_args
@@ -105,14 +107,14 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_a_refusals(task, tmp_path, mo
 def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(task, tmp_path,
                                                                             monkeypatch, capsys):
     out = tmp_path / "run"
-    real_step, calls = trainer._lm_step, []
+    real_step, calls = LanguageModelStage.step, []
 
-    def diverging_step(*args, **kwargs):
-        loss, tokens, extra = real_step(*args, **kwargs)
-        calls.append(loss)
-        return (float("nan") if len(calls) == 3 else loss), tokens, extra
+    def diverging_step(self):
+        result = real_step(self)
+        calls.append(result.loss)
+        return dataclasses.replace(result, loss=float("nan")) if len(calls) == 3 else result
 
-    monkeypatch.setattr(trainer, "_lm_step", diverging_step)
+    monkeypatch.setattr(LanguageModelStage, "step", diverging_step)
     assert main(argv(run_args(task, out))) == 1
     message = capsys.readouterr().err
     assert "step 3" in message and "not finite" in message and "step-0000002" in message

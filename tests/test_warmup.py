@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvlm import recipes, synth
+from nvlm import recipes
+from nvlm.demo import synth
 from nvlm.config import NVLMConfig
 from nvlm.images import dynamic_tiles
 from nvlm.train import build_config, train
-from nvlm.warmup import IGNORE, NO_LABEL, parse_glyphs, token_labels
+from nvlm.demo.warmup import IGNORE, NO_LABEL, parse_glyphs, token_labels
 
 TINY = NVLMConfig.from_preset("tiny")       # 112-px tiles, 4 x 4 tokens of 28 px
 

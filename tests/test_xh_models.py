@@ -1,5 +1,5 @@
 """NVLM-X and NVLM-H end to end on the tiny presets: a fresh model equals its LLM, the image
-reaches the text only where NVLM.md section 8 says, packing and cached generation change nothing,
+reaches the text only where docs/nvlm.md section 8 says, packing and cached generation change nothing,
 checkpoints round-trip, and bad configs or inputs fail with clear errors."""
 
 from __future__ import annotations

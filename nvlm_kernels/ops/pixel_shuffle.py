@@ -2,7 +2,7 @@
 
 x (N, h*w, C) -> out (N, (h/s)*(w/s), s*s*C). Output row `row` is s*s contiguous segments of C
 channels; segment k = (i, j) (i-major) comes from input patch (s*r + i, s*c + j) of output token
-(r, c) (NVLM.md section 4). A program copies one channel block of one segment, so every load and
+(r, c) (docs/nvlm.md section 4). A program copies one channel block of one segment, so every load and
 store runs along C, contiguous on both sides: with C a multiple of 8 (bf16) the compiler emits
 16-byte accesses. The backward is the same copy in the other direction.
 """

@@ -16,7 +16,7 @@ glyphs that sit at a stable phase of its patch grid within a minute on a CPU; at
 offsets it needs far more data than the demo's budget (measured: 30% token accuracy after 300
 steps with +-3 px jitter, 12% at free placement, against 89% aligned). Every line also records
 the glyph boxes (`glyphs`: [char, left, top, right, bottom] in image pixels, in reading order),
-the labels of the demo's vision warm-up (nvlm.warmup) -- our stand-in for the OCR pretraining
+the labels of the demo's vision warm-up (nvlm.demo.warmup) -- our stand-in for the OCR pretraining
 of NVLM's InternViT.
 
 Also written: a text-only set (copy a code given in the question) that stands in for the SFT
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic_file
+from ..files import atomic_file
 
 QUESTION = "What is the code in the image?"
 RECALL_QUESTION = "What is the code in the text?"
@@ -233,7 +233,7 @@ def ensure_task(folder: Path, train_n: int, eval_n: int, seed: int = 0,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `python -m nvlm.data synth`, each checked while parsing (see nvlm.flags)."""
-    from .flags import int_flag, output_dir_flag, seed_flag
+    from ..flags import int_flag, output_dir_flag, seed_flag
 
     parser.add_argument("--out", type=output_dir_flag, required=True,
                         help="folder to write the task into")

@@ -15,7 +15,7 @@ in separate directions makes that one attention pattern plus one read-out. With 
 even with oracle features; factorized oracle features were learned in about 600.
 
 The labels come from the data: a JSONL line's `glyphs` list ([char, left, top, right, bottom] in
-image pixels, reading order), which the synthetic task writes (nvlm.synth). Lines without glyphs
+image pixels, reading order), which the synthetic task writes (nvlm.demo.synth). Lines without glyphs
 or without exactly one image are passed over. The heads are trained with the ViT and dropped at
 the end of the stage; the model keeps no trace of them.
 """
@@ -33,13 +33,17 @@ from torch import nn
 
 import nvlm_kernels
 
-from .config import NVLMConfig
-from .data import DataSpec, JsonlSource, SkipCounter, as_tuple
-from .images import dynamic_tiles, image_to_tensor, load_image, tile_boxes
+from ..config import NVLMConfig
+from ..data import DataSpec, JsonlSource, SkipCounter, as_tuple
+from ..distributed import World
+from ..images import dynamic_tiles, image_to_tensor, load_image, tile_boxes
+from ..packing import IGNORE_INDEX
+from ..recipes import StageRecipe, build_optimizer
+from ..stages import StageContext, StepResult
 
 MAX_ORDINAL = 15
 NO_LABEL = 0          # class 0 of both heads: no glyph centre in this cell
-IGNORE = -100         # a cell two different glyphs share (thumbnails): no label at all
+IGNORE = IGNORE_INDEX  # a cell two different glyphs share (thumbnails): no label at all
 # Tiles without any glyph are sampled at this rate: enough for the heads to learn "nothing here"
 # without spending the stage on empty tiles.
 EMPTY_TILE_RATE = 0.2
@@ -160,7 +164,7 @@ class GlyphStream:
             if self.records_read >= 64 and self.images_used == 0:
                 raise ValueError("stage 'vision' found no line with 'glyphs' and one image in "
                                  f"the first {self.records_read} lines of its data; it needs "
-                                 "glyph boxes (see nvlm.synth)")
+                                 "glyph boxes (see nvlm.demo.synth)")
             source = self.rng.choices(self.sources, weights=self.weights)[0]
             record = source.next_record()
             self.records_read += 1
@@ -193,3 +197,58 @@ def ocr_loss(vision_model: nn.Module, heads: TokenOCRHeads, batch: GlyphBatch,
         both = (ordinal_logits.argmax(-1) == batch.ordinal) & (char_logits.argmax(-1) == batch.char)
         accuracy = float(both[glyph].float().mean()) if glyph.any() else None
     return loss, {"glyph_accuracy": accuracy, "glyph_tokens": int(glyph.sum())}
+
+
+class VisionWarmupStage:
+    """The `vision` stage: global_batch tiles per step through the ViT and the two OCR heads.
+
+    One process only (the heads live outside the FSDP-sharded model). The heads and their
+    optimizer are the stage's own: trained, clipped and checkpointed with it, dropped after it.
+    """
+
+    reports_lm_loss = False
+    batch_unit = "tiles"
+
+    def __init__(self, name: str, recipe: StageRecipe, context: StageContext) -> None:
+        self.name, self.recipe, self.context = name, recipe, context
+        config = context.model.config
+        self.stream = GlyphStream(context.specs, config, recipe.max_tiles, context.seed,
+                                  context.image_root)
+        self.skips = self.stream.skips
+        self.heads = TokenOCRHeads(config.vision.hidden_size
+                                   * config.projector.downsample_scale ** 2
+                                   ).to(context.world.device)
+        self.parameters = list(self.heads.parameters())
+        self.optimizers = [build_optimizer(self.heads, recipe)]
+
+    @staticmethod
+    def check_fits(name: str, recipe: StageRecipe, world: World, micro_batch: int) -> None:
+        if world.distributed:
+            raise ValueError(f"stage {name!r}: the vision warm-up runs in one process "
+                             "(its heads live outside the FSDP-sharded model); run it alone "
+                             "first, then --init the sharded run from its model/")
+
+    def step(self) -> StepResult:
+        model = self.context.model
+        batch = self.stream.next_batch(self.recipe.global_batch).to(self.context.world.device)
+        loss, stats = ocr_loss(model.vision_model, self.heads, batch,
+                               model.config.projector.downsample_scale)
+        loss.backward()
+        return StepResult(float(loss.detach()),
+                          batch.pixel_values.shape[0] * model.config.tokens_per_tile, stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict(), "heads": self.heads.state_dict(),
+                "heads_optimizer": self.optimizers[0].state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["data"])
+        self.heads.load_state_dict(state["heads"])
+        self.optimizers[0].load_state_dict(state["heads_optimizer"])
+
+    def summary(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Share of glyph tokens whose ordinal and character both came out right, last 10
+        steps with glyphs."""
+        accuracy = [r["glyph_accuracy"] for r in rows if r.get("glyph_accuracy") is not None]
+        return {"vision_glyph_accuracy": sum(accuracy[-10:]) / len(accuracy[-10:])
+                if accuracy else None}
