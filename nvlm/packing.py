@@ -137,6 +137,7 @@ class PackedBatch:
     pixel_values: torch.Tensor   # (N, 3, S, S) float32, the samples' tiles in order
     num_tiles: list[int]         # per image, all samples' images in order
     xattn: XAttnInputs | None = None   # NVLM-X/H: tile routing and each token's memory range
+    num_targets: int = 0         # positions with a next-token target: what the mean loss covers
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -167,15 +168,17 @@ def pack_samples(samples: Sequence[ProcessedSample]) -> PackedBatch:
     lengths = [len(s) for s in samples]
     cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+    labels = torch.cat([s.labels for s in samples])
     return PackedBatch(
         input_ids=torch.cat([s.input_ids for s in samples]),
-        labels=torch.cat([s.labels for s in samples]),
+        labels=labels,
         position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]),
         cu_seqlens=cu_seqlens,
         max_seqlen=max(lengths),
         pixel_values=torch.cat([s.pixel_values for s in samples]),
         num_tiles=[n for s in samples for n in s.num_tiles],
         xattn=_pack_xattn(samples, cu_seqlens) if with_xattn == {True} else None,
+        num_targets=int((next_token_targets(labels, cu_seqlens) != IGNORE_INDEX).sum()),
     )
 
 

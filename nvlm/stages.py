@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import DataSpec, RowPacker, SampleStream, SkipCounter
 from .distributed import World
-from .packing import IGNORE_INDEX, next_token_targets, pack_samples
+from .packing import pack_samples
 from .processing import NVLMProcessor
 from .recipes import StageRecipe
 
@@ -68,7 +68,7 @@ class LanguageModelStage:
 
     global_batch rows per step, split over the ranks, micro_batch rows per forward pass. The
     step's loss is the mean over all its targets on all ranks: each micro-batch's summed loss is
-    divided by that global count, counted once per step before any backward.
+    divided by that global count, summed before any backward from the counts pack_samples made.
     """
 
     reports_lm_loss = True
@@ -98,11 +98,11 @@ class LanguageModelStage:
         mine = rows[world.rank::world.size]
         batches = [pack_samples([s for row in mine[i:i + ctx.micro_batch] for s in row])
                    for i in range(0, len(mine), ctx.micro_batch)]
-        counts = [int((next_token_targets(b.labels, b.cu_seqlens) != IGNORE_INDEX).sum())
-                  for b in batches]
-        total_count, tokens = world.sum([sum(counts), sum(len(b) for b in batches)])
+        total_count, tokens = world.sum([sum(b.num_targets for b in batches),
+                                         sum(len(b) for b in batches)])
         loss_sum = 0.0
-        for batch, count in zip(batches, counts):
+        for batch in batches:
+            count = batch.num_targets
             batch = batch.to(world.device)
             with ctx.autocast:
                 output = ctx.model(batch.input_ids, batch.pixel_values, batch.labels,

@@ -108,6 +108,8 @@ def test_packed_loss_equals_the_token_weighted_per_sample_losses(task):
         total += alone.loss * alone.num_label_tokens
         count += alone.num_label_tokens
     assert out.num_label_tokens == count
+    # the collator's count (the trainer's normaliser) is the model's: the answers + <|im_end|>
+    assert packed.num_targets == count == sum(int((s.labels != -100).sum()) for s in samples)
     torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
 
 
