@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from nvlm.config import MAX_TILES_LIMIT
+from nvlm.errors import InputError
 from nvlm.flags import (EXIT_USAGE, device_flag, existing_dir_flag, existing_file_flag, float_flag,
                         int_flag, non_empty_flag, output_file_flag, seed_flag)
 from nvlm.images import find_grid, load_image, tile_boxes
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code
     try:
         return args.run(args)
-    except (OSError, ValueError) as err:
+    except (OSError, InputError) as err:   # a refused input; anything else is a bug: traceback
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

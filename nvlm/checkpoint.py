@@ -37,8 +37,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_directory
 from .config import LLMConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from .errors import InputError
+from .files import atomic_directory
 from .model import NVLM
 from .tokenizer import find_image_token_id
 
@@ -99,7 +100,7 @@ def load_pretrained(path: str | os.PathLike, image_token_id: int | None = None,
     config.validate()
     problems = _size_mismatches(config, shapes)
     if problems:
-        raise ValueError(f"checkpoint {str(directory)!r}: config.json disagrees with the tensor "
+        raise InputError(f"checkpoint {str(directory)!r}: config.json disagrees with the tensor "
                          "headers:\n" + "\n".join(problems))
     if check_weights:
         _check_dtypes(dtypes, dtype, directory)
@@ -112,14 +113,14 @@ def load_pretrained(path: str | os.PathLike, image_token_id: int | None = None,
     optional = {LM_HEAD: expected[EMBED_TOKENS]} if config.llm.tie_word_embeddings else {}
     problems = _layout_mismatches(expected, shapes, optional)
     if problems:
-        raise ValueError(f"checkpoint {str(directory)!r} does not match the model its config.json "
+        raise InputError(f"checkpoint {str(directory)!r} does not match the model its config.json "
                          "describes:\n" + "\n".join(problems))
 
     tensors, finite = _read_tensors(files, dtype, device, check_weights)
     _check_finite(finite, dtype, directory)
     state_dict, problems = adapter.from_checkpoint(tensors)
     if problems:
-        raise ValueError(f"checkpoint {str(directory)!r}:\n" + "\n".join(problems))
+        raise InputError(f"checkpoint {str(directory)!r}:\n" + "\n".join(problems))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
@@ -134,7 +135,7 @@ def save_pretrained(model: NVLM, path: str | os.PathLike, max_shard_bytes: int =
     one is complete.
     """
     if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes: expected > 0, got {max_shard_bytes}")
+        raise InputError(f"max_shard_bytes: expected > 0, got {max_shard_bytes}")
     config = model.config
     state_dict = {name: t.detach() for name, t in model.state_dict().items()}
     tensors = InternVLChatAdapter(config).to_checkpoint(state_dict)
@@ -237,7 +238,7 @@ def config_from_checkpoint(data: dict[str, Any], shapes: dict[str, Shape]) -> NV
     rest must agree with what config.json and the tensors say. Values of the wrong JSON type
     raise a ValueError naming their key."""
     if not isinstance(data, dict):
-        raise ValueError(f"{CONFIG_FILE}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{CONFIG_FILE}: expected a JSON object, got {type(data).__name__}")
     image_size = _check_image_pipeline(data)
     vision = _vision_config(_section(data, "vision_config"), shapes, image_size)
     llm = _llm_config(_section(data, "llm_config"), shapes)
@@ -306,14 +307,14 @@ def checkpoint_config_json(config: NVLMConfig, torch_dtype: str) -> dict[str, An
 def _check_image_pipeline(data: dict[str, Any]) -> int | None:
     """Refuse the image paths this model does not implement; returns force_image_size."""
     if "ps_version" not in data:
-        raise ValueError("config.json: no 'ps_version' (InternVL's default is 'v1', whose pixel "
+        raise InputError("config.json: no 'ps_version' (InternVL's default is 'v1', whose pixel "
                          "shuffle transposes the token grid; only 'v2' is supported)")
     if data["ps_version"] != "v2":
-        raise ValueError(f"config.json: ps_version {data['ps_version']!r} is not supported, only "
+        raise InputError(f"config.json: ps_version {data['ps_version']!r} is not supported, only "
                          "'v2' (the 'v1' pixel shuffle transposes the token grid; docs/nvlm.md "
                          "section 4)")
     if data.get("select_layer", -1) != -1:
-        raise ValueError(f"config.json: select_layer {data['select_layer']!r} is not supported, "
+        raise InputError(f"config.json: select_layer {data['select_layer']!r} is not supported, "
                          "only -1 (the ViT's last layer)")
     force = data.get("force_image_size")
     return None if force is None else _side(force, f"{CONFIG_FILE} force_image_size")
@@ -324,11 +325,11 @@ def _vision_config(v: dict[str, Any], shapes: dict[str, Shape], force_image_size
     where = "config.json vision_config"
     image_size = _side(_key(v, "image_size", where), f"{where}.image_size")
     if force_image_size is not None and force_image_size != image_size:
-        raise ValueError(f"config.json: force_image_size {force_image_size} differs from "
+        raise InputError(f"config.json: force_image_size {force_image_size} differs from "
                          f"vision_config.image_size {image_size}; interpolating the ViT position "
                          "embeddings to another tile size is not supported")
     if v.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{where}.hidden_act: expected 'gelu', got {v['hidden_act']!r}")
+        raise InputError(f"{where}.hidden_act: expected 'gelu', got {v['hidden_act']!r}")
     width, heads = _int(v, "hidden_size", where), _int(v, "num_attention_heads", where)
     layer0 = VISION_LAYERS + "0."
     # Flags a config leaves out are read off the tensors (LayerNorm has a bias, RMSNorm not).
@@ -358,7 +359,7 @@ def _num_dummy_heads(v: dict[str, Any], shapes: dict[str, Shape], width: int, he
         return declared or 0
     inferred = qkv[0] // (3 * head_dim) - heads
     if declared is not None and declared != inferred:
-        raise ValueError(f"{where}.num_dummy_heads {declared} disagrees with the "
+        raise InputError(f"{where}.num_dummy_heads {declared} disagrees with the "
                          f"checkpoint's qkv weight {tuple(qkv)}: that is {heads} heads of "
                          f"{head_dim} plus {inferred} dummy heads")
     return inferred
@@ -368,30 +369,30 @@ def _llm_config(llm: dict[str, Any], shapes: dict[str, Shape]) -> LLMConfig:
     where = "config.json llm_config"
     architectures = llm.get("architectures") or []
     if not isinstance(architectures, list):
-        raise ValueError(f"{where}.architectures: expected a list of names, got {architectures!r}")
+        raise InputError(f"{where}.architectures: expected a list of names, got {architectures!r}")
     model_type = llm.get("model_type")
     if model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
         family = "qwen2"
     elif model_type == "llama" or "LlamaForCausalLM" in architectures:
         family = "llama"
     else:
-        raise ValueError(f"{where}: only Qwen2 and Llama decoders are supported, got model_type "
+        raise InputError(f"{where}: only Qwen2 and Llama decoders are supported, got model_type "
                          f"{model_type!r}, architectures {architectures}")
     if llm.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}.hidden_act: expected 'silu', got {llm['hidden_act']!r}")
+        raise InputError(f"{where}.hidden_act: expected 'silu', got {llm['hidden_act']!r}")
     if llm.get("use_sliding_window"):
-        raise ValueError(f"{where}.use_sliding_window: sliding-window attention is not supported")
+        raise InputError(f"{where}.use_sliding_window: sliding-window attention is not supported")
     if llm.get("mlp_bias"):
-        raise ValueError(f"{where}.mlp_bias: MLP biases are not supported")
+        raise InputError(f"{where}.mlp_bias: MLP biases are not supported")
     # Qwen2 always has q/k/v biases; Llama's attention_bias would also bias o_proj, which this
     # decoder does not have.
     if family == "llama" and llm.get("attention_bias"):
-        raise ValueError(f"{where}.attention_bias: a Llama decoder with attention biases also "
+        raise InputError(f"{where}.attention_bias: a Llama decoder with attention biases also "
                          "has an o_proj bias, which is not supported")
     width = _int(llm, "hidden_size", where)
     heads = _int(llm, "num_attention_heads", where)
     if llm.get("head_dim") not in (None, width // heads):
-        raise ValueError(f"{where}.head_dim: expected hidden_size / num_attention_heads = "
+        raise InputError(f"{where}.head_dim: expected hidden_size / num_attention_heads = "
                          f"{width // heads}, got {llm['head_dim']!r}")
     return LLMConfig(
         vocab_size=_int(llm, "vocab_size", where), hidden_size=width,
@@ -410,10 +411,10 @@ def _rope_theta(llm: dict[str, Any], where: str) -> float:
     sections = {key: llm.get(key) or {} for key in ("rope_parameters", "rope_scaling")}
     for key, section in sections.items():
         if not isinstance(section, dict):
-            raise ValueError(f"{where}.{key}: expected an object, got {section!r}")
+            raise InputError(f"{where}.{key}: expected an object, got {section!r}")
         kind = section.get("rope_type", section.get("type", "default"))
         if kind != "default":
-            raise ValueError(f"{where}.{key}: only the default RoPE is supported, got {kind!r}")
+            raise InputError(f"{where}.{key}: only the default RoPE is supported, got {kind!r}")
     if "rope_theta" in sections["rope_parameters"]:
         return _float(sections["rope_parameters"], "rope_theta", f"{where}.rope_parameters")
     return _float(llm, "rope_theta", where, 10000.0)
@@ -427,7 +428,7 @@ def _projector_config(data: dict[str, Any], shapes: dict[str, Shape], llm: LLMCo
     # 1 / a subnormal ratio is inf, which round() refuses.
     scale = round(1 / ratio) if ratio > 0 and math.isfinite(1 / ratio) else 0
     if scale < 1 or abs(scale * ratio - 1) > 1e-6:
-        raise ValueError(f"config.json: downsample_ratio must be 1 / an integer, got {ratio}")
+        raise InputError(f"config.json: downsample_ratio must be 1 / an integer, got {ratio}")
     first = shapes.get("mlp1.1.weight")
     two_layers = "mlp1.3.weight" in shapes
     # With one Linear there is no hidden width: the field then just holds the LLM width.
@@ -456,7 +457,7 @@ def _merge_saved_config(derived: NVLMConfig, saved: NVLMConfig) -> NVLMConfig:
         differences.append(f"  use_thumbnail: {saved.use_thumbnail!r} in nvlm_config, "
                            f"{derived.use_thumbnail!r} in config.json")
     if differences:
-        raise ValueError("config.json: the saved nvlm_config disagrees with the checkpoint:\n"
+        raise InputError("config.json: the saved nvlm_config disagrees with the checkpoint:\n"
                          + "\n".join(differences))
     return dataclasses.replace(
         derived, projector=dataclasses.replace(derived.projector, **projector_extras),
@@ -471,7 +472,7 @@ def _resolve_image_token_id(argument: int | None, data: dict[str, Any], director
         return int(saved["image_token_id"])
     found = find_image_token_id(directory)
     if found is None:
-        raise ValueError(f"{str(directory)!r}: no image token id: neither an nvlm_config in "
+        raise InputError(f"{str(directory)!r}: no image token id: neither an nvlm_config in "
                          "config.json nor `<|vision_pad|>` / `<IMG_CONTEXT>` in tokenizer files; "
                          "pass image_token_id=")
     return found
@@ -484,9 +485,9 @@ def _saved_config(section: Any) -> NVLMConfig:
     try:
         return NVLMConfig.from_dict(section)
     except ValueError as error:
-        raise ValueError(f"{where}: {error}") from error
+        raise InputError(f"{where}: {error}") from error
     except ZeroDivisionError as error:    # validate() divides by sizes before it checks them
-        raise ValueError(f"{where}: one of vision.num_heads, vision.patch_size, llm.num_heads, "
+        raise InputError(f"{where}: one of vision.num_heads, vision.patch_size, llm.num_heads, "
                          f"llm.num_kv_heads is 0 ({error})") from error
 
 
@@ -494,7 +495,7 @@ def _check_field_types(section: Any, cls: type, where: str) -> None:
     """Each field present has the JSON type of its default (a nested part: an object): the
     config's own validation compares and divides, and a string there fails obscurely."""
     if not isinstance(section, dict):
-        raise ValueError(f"{where}: expected an object, got {section!r}")
+        raise InputError(f"{where}: expected an object, got {section!r}")
     defaults = cls()
     for field in dataclasses.fields(cls):
         if field.name not in section:
@@ -504,7 +505,7 @@ def _check_field_types(section: Any, cls: type, where: str) -> None:
         if dataclasses.is_dataclass(default):
             _check_field_types(value, type(default), name)
         elif not _json_type_matches(value, default):
-            raise ValueError(f"{name}: expected a value like {default!r}, got {value!r}")
+            raise InputError(f"{name}: expected a value like {default!r}, got {value!r}")
 
 
 def _json_type_matches(value: Any, default: Any) -> bool:
@@ -527,14 +528,14 @@ def _is_int(value: Any) -> bool:
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
     section = data.get(key)
     if not isinstance(section, dict):
-        raise ValueError(f"config.json: expected a {key!r} object (the InternVL-chat layout), "
+        raise InputError(f"config.json: expected a {key!r} object (the InternVL-chat layout), "
                          f"got {type(section).__name__}")
     return section
 
 
 def _key(section: dict[str, Any], key: str, where: str) -> Any:
     if key not in section:
-        raise ValueError(f"{where}: missing {key!r}")
+        raise InputError(f"{where}: missing {key!r}")
     return section[key]
 
 
@@ -555,7 +556,7 @@ def _int(section: dict[str, Any], key: str, where: str, default: Any = _REQUIRED
     if value is None and default is not _REQUIRED:
         return default
     if not _is_int(value) or value < minimum:
-        raise ValueError(f"{_key_name(where, key)}: expected an integer >= {minimum}, "
+        raise InputError(f"{_key_name(where, key)}: expected an integer >= {minimum}, "
                          f"got {value!r}")
     return value
 
@@ -567,7 +568,7 @@ def _float(section: dict[str, Any], key: str, where: str, default: Any = _REQUIR
         return default
     if (not isinstance(value, (int, float)) or isinstance(value, bool)
             or not math.isfinite(value)):
-        raise ValueError(f"{_key_name(where, key)}: expected a finite number, got {value!r}")
+        raise InputError(f"{_key_name(where, key)}: expected a finite number, got {value!r}")
     return float(value)
 
 
@@ -577,7 +578,7 @@ def _flag(section: dict[str, Any], key: str, where: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ValueError(f"{_key_name(where, key)}: expected true or false, got {value!r}")
+        raise InputError(f"{_key_name(where, key)}: expected true or false, got {value!r}")
     return value
 
 
@@ -585,10 +586,10 @@ def _side(value: Any, where: str) -> int:
     """A square size given as an int or [h, w]."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{where}: expected a square size, got {value!r}")
+            raise InputError(f"{where}: expected a square size, got {value!r}")
         value = value[0]
     if not _is_int(value) or value < 1:
-        raise ValueError(f"{where}: expected a size >= 1, got {value!r}")
+        raise InputError(f"{where}: expected a size >= 1, got {value!r}")
     return value
 
 
@@ -600,13 +601,13 @@ def _read_json(path: Path) -> Any:
     with open(path, "rb") as file:       # read to the bound, not to the (maybe special) end
         raw = file.read(MAX_JSON_BYTES + 1)
     if len(raw) > MAX_JSON_BYTES:
-        raise ValueError(f"{str(path)!r}: more than the {MAX_JSON_BYTES} bytes a checkpoint's "
+        raise InputError(f"{str(path)!r}: more than the {MAX_JSON_BYTES} bytes a checkpoint's "
                          "JSON file may have")
     try:
         return json.loads(raw.decode("utf-8"))
     # Decode errors are ValueErrors that do not name the file; deep nesting overflows the parser.
     except (ValueError, RecursionError) as error:
-        raise ValueError(f"{str(path)!r}: not valid UTF-8 JSON: {error}") from error
+        raise InputError(f"{str(path)!r}: not valid UTF-8 JSON: {error}") from error
 
 
 def _weight_files(directory: Path) -> dict[Path, list[str]]:
@@ -621,7 +622,7 @@ def _weight_files(directory: Path) -> dict[Path, list[str]]:
                      if p.suffix in (".bin", ".pt", ".pth", ".pkl")
                      or p.name.endswith(".bin.index.json"))
     if pickles:
-        raise ValueError(f"{str(directory)!r}: only safetensors checkpoints are read, found "
+        raise InputError(f"{str(directory)!r}: only safetensors checkpoints are read, found "
                          f"{pickles}. Pickle files can run arbitrary code when loaded; convert "
                          "them once with safetensors.torch.save_file(torch.load(file, "
                          "weights_only=True), ...) from a source you trust")
@@ -635,11 +636,11 @@ def _indexed_files(directory: Path, index: Path) -> dict[Path, list[str]]:
     data = _read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{str(index)!r}: expected a JSON object with a 'weight_map' object")
+        raise InputError(f"{str(index)!r}: expected a JSON object with a 'weight_map' object")
     files: dict[Path, list[str]] = {}
     for name, file in weight_map.items():
         if not _is_plain_file_name(file):
-            raise ValueError(f"{str(index)!r}: weight_map entry {name!r} -> {file!r}: expected "
+            raise InputError(f"{str(index)!r}: weight_map entry {name!r} -> {file!r}: expected "
                              "the name of a file in the checkpoint directory (no directories, "
                              "no absolute path)")
         files.setdefault(directory / file, []).append(name)
@@ -667,7 +668,7 @@ def _open_safetensors(file: Path) -> Iterator[Any]:
         with safe_open(file, framework="pt", device="cpu") as reader:
             yield reader
     except SafetensorError as error:
-        raise ValueError(f"{str(file)!r}: not a valid safetensors file: {error}") from error
+        raise InputError(f"{str(file)!r}: not a valid safetensors file: {error}") from error
 
 
 def _tensor_headers(files: dict[Path, list[str]]) -> tuple[dict[str, Shape], dict[str, str]]:
@@ -679,7 +680,7 @@ def _tensor_headers(files: dict[Path, list[str]]) -> tuple[dict[str, Shape], dic
         with _open_safetensors(file) as reader:
             absent = sorted(set(names) - set(reader.keys()))
             if absent:
-                raise ValueError(f"{str(file)!r} lacks tensors the index places in it: "
+                raise InputError(f"{str(file)!r} lacks tensors the index places in it: "
                                  f"{_listed(absent)}")
             for name in names:
                 header = reader.get_slice(name)
@@ -785,13 +786,13 @@ def _check_dtypes(dtypes: dict[str, str], dtype: torch.dtype | None, directory: 
     # safetensors' floating dtypes: F64 ... F4, F8_E4M3, BF16; the others are I*, U*, BOOL.
     non_floating = sorted(name for name, d in dtypes.items() if not d.startswith(("F", "BF")))
     if non_floating:
-        raise ValueError(f"checkpoint {str(directory)!r}: every weight must be floating point; "
+        raise InputError(f"checkpoint {str(directory)!r}: every weight must be floating point; "
                          f"these are not: {_listed(non_floating, dtypes)}")
     counts = Counter(dtypes.values())
     if dtype is None and len(counts) > 1:
         common = counts.most_common(1)[0][0]
         odd = sorted(name for name, d in dtypes.items() if d != common)
-        raise ValueError(f"checkpoint {str(directory)!r}: tensors of mixed dtypes "
+        raise InputError(f"checkpoint {str(directory)!r}: tensors of mixed dtypes "
                          f"({dict(counts.most_common())}); not {common}: {_listed(odd, dtypes)}. "
                          "Pass dtype= to cast them all to one (check_weights=False loads them as "
                          "they are)")
@@ -805,7 +806,7 @@ def _check_finite(finite: dict[str, torch.Tensor], dtype: torch.dtype | None,
     bad = [name for name, ok in zip(finite, flags) if not ok]
     if bad:
         cast = f" after the cast to {dtype}" if dtype is not None else ""
-        raise ValueError(f"checkpoint {str(directory)!r}: {_listed(bad)}: not finite (NaN or "
+        raise InputError(f"checkpoint {str(directory)!r}: {_listed(bad)}: not finite (NaN or "
                          f"infinite values){cast}; check_weights=False loads them anyway")
 
 

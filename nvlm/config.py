@@ -16,6 +16,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import InputError
+
 Arch = Literal["D", "X", "H"]
 ARCHS: tuple[str, ...] = ("D", "X", "H")
 
@@ -38,9 +40,9 @@ def check_max_tiles(value: Any, name: str = "max_tiles") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
     if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
+        raise InputError(f"{name}: expected a positive int, got {value}")
     if value > MAX_TILES_LIMIT:
-        raise ValueError(f"{name}: expected at most {MAX_TILES_LIMIT} (MAX_TILES_LIMIT; published "
+        raise InputError(f"{name}: expected at most {MAX_TILES_LIMIT} (MAX_TILES_LIMIT; published "
                          f"NVLM/InternVL settings use 6 to 40), got {value}")
     return int(value)
 
@@ -205,9 +207,9 @@ class NVLMConfig:
         """`tiny`, `1b`, `34b` or `72b` for arch D, X or H: the same ViT and LLM; X swaps the
         projector for one Linear and both add X-attn blocks every XATTN_EVERY[name] layers."""
         if name not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+            raise InputError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
         if arch not in ARCHS:
-            raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
+            raise InputError(f"arch: expected one of {ARCHS}, got {arch!r}")
         config = PRESETS[name]()
         if arch != "D":
             every = XATTN_EVERY[name]
@@ -220,14 +222,14 @@ class NVLMConfig:
 
 def _require(ok: bool, name: str, expected: str, got: Any) -> None:
     if not ok:
-        raise ValueError(f"{name}: expected {expected}, got {got!r}")
+        raise InputError(f"{name}: expected {expected}, got {got!r}")
 
 
 def _dataclass_from_dict(cls, data: dict[str, Any], where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown fields {unknown}; known: {sorted(known)}")
+        raise InputError(f"{where}: unknown fields {unknown}; known: {sorted(known)}")
     return cls(**data)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import check_max_tiles
+from .errors import InputError
 from .images import ImageError, regular_file_problem
 from .packing import ProcessedSample
 from .processing import NVLMProcessor, SampleTooLong
@@ -96,11 +97,11 @@ def parse_data_spec(spec: str | Sequence[str]) -> list[DataSpec]:
             except ValueError:
                 path = entry      # a ':' that is part of the path
         if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"--data: weight of {path!r} must be a finite number > 0, "
+            raise InputError(f"--data: weight of {path!r} must be a finite number > 0, "
                              f"got {weight}")
         result.append(DataSpec(Path(path), weight))
     if not result:
-        raise ValueError(f"--data: expected 'file.jsonl[:weight],...', got {spec!r}")
+        raise InputError(f"--data: expected 'file.jsonl[:weight],...', got {spec!r}")
     for d in result:
         check_input_file(d.path, "--data")
     return result
@@ -111,11 +112,11 @@ def check_input_file(path: str | Path, flag: str) -> Path:
     ("does not exist", "is a directory", "is not a regular file (a named pipe)", ...)."""
     problem = regular_file_problem(path)
     if problem is not None:
-        raise ValueError(f"{flag}: {str(path)!r} is not a file: it {problem}")
+        raise InputError(f"{flag}: {str(path)!r} is not a file: it {problem}")
     try:
         open(path, "rb").close()
     except OSError as err:
-        raise ValueError(f"{flag}: {str(path)!r} cannot be read ({err.strerror})") from None
+        raise InputError(f"{flag}: {str(path)!r} cannot be read ({err.strerror})") from None
     return Path(path)
 
 
@@ -209,17 +210,17 @@ class JsonlSource:
         seen = self.good_lines + self.bad_lines
         if (self._counts_from_start and self.epoch == 0 and seen >= _BAD_LINE_CHECK_AFTER
                 and self.bad_lines * 2 > seen):
-            raise ValueError(f"{self.path}: {self.bad_lines} of the first {seen} lines are bad "
+            raise InputError(f"{self.path}: {self.bad_lines} of the first {seen} lines are bad "
                              "(see the warnings above); fix the file or remove it from --data")
 
     def _end_of_file(self) -> None:
         if self._counts_from_start:
             seen = self.good_lines + self.bad_lines
             if self.good_lines == 0:
-                raise ValueError(f"{self.path}: no usable sample in the whole file "
+                raise InputError(f"{self.path}: no usable sample in the whole file "
                                  f"({self.bad_lines} bad lines)")
             if self.bad_lines * 2 > seen:
-                raise ValueError(f"{self.path}: {self.bad_lines} of its {seen} lines are bad "
+                raise InputError(f"{self.path}: {self.bad_lines} of its {seen} lines are bad "
                                  "(see the warnings above); fix the file or remove it from --data")
         else:
             # Resumed mid-file: the counts miss the lines before the resume point; the next
@@ -233,23 +234,27 @@ class JsonlSource:
         try:
             item = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
+            raise InputError(f"{where}: not valid JSON ({err})") from None
         except RecursionError:
-            raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
+            raise InputError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+            raise InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
         conversations = item.get("conversations")
         if not isinstance(conversations, list) or not conversations:
-            raise ValueError(f"{where}: expected a non-empty 'conversations' list")
-        roles = [turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-                 for turn in conversations]
+            raise InputError(f"{where}: expected a non-empty 'conversations' list")
+        for i, turn in enumerate(conversations):   # the processor's TypeErrors are for bugs
+            text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+            if not isinstance(text, str):
+                raise InputError(f"{where}: conversations[{i}]: expected an object with a text "
+                                 "('value' or 'content')")
+        roles = [turn.get("from", turn.get("role")) for turn in conversations]
         if not any(role in ("gpt", "assistant") for role in roles):
-            raise ValueError(f"{where}: no assistant ('gpt') turn, nothing to learn from")
+            raise InputError(f"{where}: no assistant ('gpt') turn, nothing to learn from")
         images = item.get("image", [])
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(p, str) and "\0" not in p
                                                    for p in images):
-            raise ValueError(f"{where}: 'image' must be a path or a list of paths")
+            raise InputError(f"{where}: 'image' must be a path or a list of paths")
         extra = {name: item[name] for name in self.extra_fields if name in item}
         return Record(conversations, [self._image_path(p, where) for p in images], where, extra)
 
@@ -258,7 +263,7 @@ class JsonlSource:
             return Path(name)
         full = os.path.normpath(os.path.join(self._root, name))
         if os.path.commonpath([full, self._root]) != self._root:
-            raise ValueError(f"{where}: image path {name!r} is outside the image root "
+            raise InputError(f"{where}: image path {name!r} is outside the image root "
                              f"{str(self.image_root)!r}; image paths must stay under it")
         return self.image_root / name
 
@@ -310,7 +315,7 @@ class SampleStream:
             except (ImageError, OSError) as err:
                 self.skips.skip("unreadable image", f"{record.where}: {err}")
                 continue
-            except (ValueError, TypeError) as err:
+            except ValueError as err:   # the processor's refusals (a TypeError is a bug)
                 self.skips.skip("bad sample", f"{record.where}: {err}")
                 continue
             self.samples_out += 1
@@ -320,7 +325,7 @@ class SampleStream:
         # Usually a wrong --image-root (every image missing) or a row shorter than the samples.
         skipped = self.records_read - self.samples_out
         if self.records_read >= _BAD_LINE_CHECK_AFTER and skipped * 2 > self.records_read:
-            raise ValueError(f"{skipped} of the first {self.records_read} samples were unusable "
+            raise InputError(f"{skipped} of the first {self.records_read} samples were unusable "
                              f"({dict(self.skips.counts)}); check the image paths (--image-root) "
                              "and the row length (--seq-len)")
 
@@ -401,7 +406,7 @@ def load_eval_set(path: Path, n: int | None = None, image_root: Path | None = No
             continue
         items.append(EvalItem(question, answer, record.images))
     if n is not None and len(items) < n:
-        raise ValueError(f"{path}: asked for {n} eval samples, the file has {len(items)}")
+        raise InputError(f"{path}: asked for {n} eval samples, the file has {len(items)}")
     return items
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from .data import EvalItem
+from .errors import InputError
 from .generate import generate
 from .images import load_image
 from .packing import pack_samples
@@ -23,7 +24,7 @@ def exact_match(model, processor: NVLMProcessor, items: Sequence[EvalItem], *, b
     length), so the score shows what the model answers without seeing the image's content.
     """
     if not items:
-        raise ValueError("items: expected at least one eval item, got none")
+        raise InputError("items: expected at least one eval item, got none")
     tokenizer = processor.tokenizer
     correct = 0
     for start in range(0, len(items), batch_size):

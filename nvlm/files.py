@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import InputError
+
 _TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")
 
 
@@ -130,7 +132,7 @@ class RunLock:
             os.close(fd)
             who = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
                    if isinstance(holder, dict) else repr(holder))
-            raise ValueError(f"--out {self.path.parent}: another run is writing there ({who}); "
+            raise InputError(f"--out {self.path.parent}: another run is writing there ({who}); "
                              "wait for it to end or choose another --out") from None
         self.stale = _read_holder(fd) or None
         os.ftruncate(fd, 0)

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .llm import KVCache
 from .packing import PackedLayout, XAttnInputs, pack_samples, sample_positions
 
@@ -59,15 +60,15 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
         stop_token_ids: tokens that end a prompt's answer.
     """
     if not prompts:
-        raise ValueError("prompts: expected at least one prompt, got none")
+        raise InputError("prompts: expected at least one prompt, got none")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:  # NaN too
-        raise ValueError(f"temperature/top_p: expected temperature >= 0 and 0 < top_p <= 1, got "
+        raise InputError(f"temperature/top_p: expected temperature >= 0 and 0 < top_p <= 1, got "
                          f"{temperature} and {top_p}")
     for i, prompt in enumerate(prompts):
         if prompt.ndim != 1 or prompt.numel() == 0:
-            raise ValueError(f"prompts[{i}]: expected a non-empty 1-D id tensor, got shape "
+            raise InputError(f"prompts[{i}]: expected a non-empty 1-D id tensor, got shape "
                              f"{tuple(prompt.shape)}")
     device = model.language_model.output_weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -75,7 +76,7 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
     max_len = int(lengths.max()) + max_new_tokens
     llm_config = model.config.llm
     if max_len > llm_config.max_position_embeddings:
-        raise ValueError(f"max_new_tokens: prompt ({int(lengths.max())} tokens) + {max_new_tokens} "
+        raise InputError(f"max_new_tokens: prompt ({int(lengths.max())} tokens) + {max_new_tokens} "
                          f"new tokens exceed max_position_embeddings {llm_config.max_position_embeddings}")
     dtype = model.language_model.output_weight.dtype
     if torch.is_autocast_enabled(device.type):
@@ -97,7 +98,7 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
         else:
             kv_start, kv_end = xattn.kv_start.to(device), xattn.kv_end.to(device)
             if kv_start.shape != ids_T.shape:
-                raise ValueError(f"xattn.kv_start: expected one range per prompt token "
+                raise InputError(f"xattn.kv_start: expected one range per prompt token "
                                  f"({ids_T.numel()}), got shape {tuple(kv_start.shape)}")
         prefill_hooks = model.xattn_hooks(memory, kv_start, kv_end)
         step_hooks = model.xattn_hooks(memory, kv_start[last], kv_end[last])

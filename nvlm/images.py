@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from nvlm.config import MAX_TILES_LIMIT, check_max_tiles
+from .errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +39,7 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image that cannot be used: undecodable, truncated, too large, empty or not a regular
     file. A missing path or a directory raise FileNotFoundError / IsADirectoryError instead."""
 
@@ -300,13 +301,13 @@ def image_to_tensor(tiles: Sequence[Image.Image]) -> torch.Tensor:
     Same arithmetic as torchvision's ToTensor + Normalize: x / 255, then (x - mean) / std.
     """
     if len(tiles) == 0:
-        raise ValueError("tiles: expected at least one tile, got none")
+        raise InputError("tiles: expected at least one tile, got none")
     sizes = {tile.size for tile in tiles}
     if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
-        raise ValueError(f"tiles: expected square tiles of one size, got sizes {sorted(sizes)}")
+        raise InputError(f"tiles: expected square tiles of one size, got sizes {sorted(sizes)}")
     modes = {tile.mode for tile in tiles}
     if modes != {"RGB"}:
-        raise ValueError(f"tiles: expected RGB tiles (see load_image), got modes {sorted(modes)}")
+        raise InputError(f"tiles: expected RGB tiles (see load_image), got modes {sorted(modes)}")
     pixels = np.stack([np.asarray(tile, dtype=np.uint8) for tile in tiles])   # (N, S, S, 3)
     # Channels first while still uint8: the float ops then run in place on a contiguous tensor
     # (7 tiles of 448 px: 45 ms instead of 72 ms on the 2-core CI machine).
@@ -320,4 +321,4 @@ def require_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
     if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
+        raise InputError(f"{name}: expected a positive int, got {value}")

@@ -38,6 +38,7 @@ from torch import nn
 import nvlm_kernels
 
 from .config import NVLMConfig
+from .errors import InputError
 from .layers import init_linear, nvtx_range
 from .llm import Qwen2ForCausalLM
 from .packing import (IGNORE_INDEX, PackedLayout, XAttnInputs, next_token_targets,
@@ -178,7 +179,7 @@ class NVLM(nn.Module):
             tiles_NQD = self.encode_images(pixel_values).to(table.dtype)
         if not self.has_xattn:
             if xattn is not None:
-                raise ValueError("xattn: only NVLM-X/H models take X-attn inputs; this one is "
+                raise InputError("xattn: only NVLM-X/H models take X-attn inputs; this one is "
                                  "NVLM-D")
             return (no_rows if tiles_NQD is None else tiles_NQD.flatten(0, 1)), None
         if tiles_NQD is None:
@@ -186,7 +187,7 @@ class NVLM(nn.Module):
         if xattn is None:
             if tiles_NQD.shape[0] == 0:
                 return no_rows, no_rows
-            raise ValueError(f"xattn: NVLM-{self.config.arch} needs the X-attn inputs of its "
+            raise InputError(f"xattn: NVLM-{self.config.arch} needs the X-attn inputs of its "
                              "images (the `xattn` of nvlm.packing.pack_samples) to know which "
                              "tiles go to the decoder and which to the memory")
         decoder_MD = tiles_NQD[xattn.decoder_tiles].flatten(0, 1)
@@ -232,7 +233,7 @@ class NVLM(nn.Module):
 
         def packed(t: torch.Tensor, name: str) -> torch.Tensor:
             if t.shape != input_ids.shape:
-                raise ValueError(f"{name}: expected input_ids' shape {tuple(input_ids.shape)}, "
+                raise InputError(f"{name}: expected input_ids' shape {tuple(input_ids.shape)}, "
                                  f"got {tuple(t.shape)}")
             return t.reshape(-1) if scatter_back is None else t[scatter_back]
 
@@ -297,10 +298,10 @@ def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     device = input_ids.device
     if cu_seqlens is not None:
         if attention_mask is not None:
-            raise ValueError("attention_mask: packed inputs (cu_seqlens given) have no padding; "
+            raise InputError("attention_mask: packed inputs (cu_seqlens given) have no padding; "
                              "pass one or the other")
         if input_ids.ndim == 2 and input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids: packed inputs are (T,) or (1, T), got {tuple(input_ids.shape)}")
+            raise InputError(f"input_ids: packed inputs are (T,) or (1, T), got {tuple(input_ids.shape)}")
         ids_T = input_ids.reshape(-1)
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1:
             raise TypeError(f"cu_seqlens: expected a 1-D int32 tensor, got {cu_seqlens.dtype} "
@@ -309,26 +310,26 @@ def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         if position_ids is None:
             _, position_ids = sample_positions(cu_seqlens, ids_T.numel())
         elif position_ids.reshape(-1).shape != ids_T.shape:
-            raise ValueError(f"position_ids: expected {ids_T.numel()} positions, got "
+            raise InputError(f"position_ids: expected {ids_T.numel()} positions, got "
                              f"{tuple(position_ids.shape)}")
         if max_seqlen is None:
             max_seqlen = int(lengths.max()) if len(lengths) else 0
         return ids_T, PackedLayout(cu_seqlens, position_ids.reshape(-1), max_seqlen), None
 
     if input_ids.ndim != 2:
-        raise ValueError(f"input_ids: expected (batch, length) rows, or packed (T,) with cu_seqlens; "
+        raise InputError(f"input_ids: expected (batch, length) rows, or packed (T,) with cu_seqlens; "
                          f"got shape {tuple(input_ids.shape)}")
     batch, length = input_ids.shape
     if attention_mask is None:
         if position_ids is not None:
-            raise ValueError("position_ids: only taken with packed inputs (cu_seqlens); rows "
+            raise InputError("position_ids: only taken with packed inputs (cu_seqlens); rows "
                              "count positions from 0")
         cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
         positions = torch.arange(length, device=device).repeat(batch)
         return input_ids.reshape(-1), PackedLayout(cu, positions, length), None
 
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
+        raise InputError(f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     keep = attention_mask.bool()
     lengths = keep.sum(dim=1)
@@ -337,7 +338,7 @@ def _packed_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     span = torch.arange(length, device=device)[None, :]
     contiguous = (keep == ((span >= first[:, None]) & (span < (first + lengths)[:, None])))
     if not bool(contiguous.all()):
-        raise ValueError("attention_mask: each row's tokens must be contiguous (left or right "
+        raise InputError("attention_mask: each row's tokens must be contiguous (left or right "
                          "padding only)")
     positions = (keep.cumsum(dim=1) - 1)[keep]
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)

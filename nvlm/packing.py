@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import nvlm_kernels
+from .errors import InputError
 
 IGNORE_INDEX = -100   # the label of a token that is not a training target (PyTorch's default)
 
@@ -156,14 +157,14 @@ class PackedBatch:
 def pack_samples(samples: Sequence[ProcessedSample]) -> PackedBatch:
     """Concatenate samples, in order, into one PackedBatch (no truncation, no reordering)."""
     if len(samples) == 0:
-        raise ValueError("samples: expected at least one sample, got none")
+        raise InputError("samples: expected at least one sample, got none")
     tile_shapes = {tuple(s.pixel_values.shape[1:]) for s in samples}
     if len(tile_shapes) != 1:
-        raise ValueError(f"samples: expected one tile shape (3, S, S) for all samples, "
+        raise InputError(f"samples: expected one tile shape (3, S, S) for all samples, "
                          f"got {sorted(tile_shapes)}")
     with_xattn = {s.xattn is not None for s in samples}
     if len(with_xattn) != 1:
-        raise ValueError("samples: expected all from one architecture, got NVLM-D samples (no "
+        raise InputError("samples: expected all from one architecture, got NVLM-D samples (no "
                          "X-attn inputs) mixed with NVLM-X/H ones")
     lengths = [len(s) for s in samples]
     cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)

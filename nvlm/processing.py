@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from nvlm.config import NVLMConfig, check_max_tiles
+from .errors import InputError
 from nvlm.images import (ImageSource, dynamic_tiles, image_size, image_to_tensor, load_image,
                          require_positive_int, tile_boxes)
 from nvlm.packing import IGNORE_INDEX, ProcessedSample, XAttnSample
@@ -31,7 +32,7 @@ from nvlm.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"        # where an image goes in the user text
 DEFAULT_THUMBNAIL_TAG = "<tile_global_thumbnail>"
-class SampleTooLong(ValueError):
+class SampleTooLong(InputError):
     """A sample that needs more tokens than the budget (`max_len`) it was built for."""
 
 
@@ -64,7 +65,7 @@ def image_prompt(num_tiles: int, tokens_per_tile: int, image_token: str,
     """
     require_positive_int(tokens_per_tile, "tokens_per_tile")
     if not image_token:
-        raise ValueError(f"image_token: expected a non-empty string, got {image_token!r}")
+        raise InputError(f"image_token: expected a non-empty string, got {image_token!r}")
     tiles = "".join((tag if tagged else "") + image_token * tokens_per_tile
                     for tag in tile_tags(num_tiles, thumbnail_tag, has_thumbnail))
     return f"<Image>{tiles}</Image>"
@@ -108,7 +109,7 @@ def image_layout(arch: str, num_tiles: int, tokens_per_tile: int, image_token: s
     tagged=False (NVLM-D only): no tile tags, the paper's Table 1 "no tag" baseline.
     """
     if not tagged and arch != "D":
-        raise ValueError(f"tagged: False is for arch 'D' only (NVLM-{arch} ties its tags to "
+        raise InputError(f"tagged: False is for arch 'D' only (NVLM-{arch} ties its tags to "
                          "tiles)")
     tags = tile_tags(num_tiles, thumbnail_tag, has_thumbnail)
     tiles = list(range(num_tiles))
@@ -123,7 +124,7 @@ def image_layout(arch: str, num_tiles: int, tokens_per_tile: int, image_token: s
         span = "".join(tags[t] + image_token * tokens_per_tile for t in thumbnail)
         return ImageLayout("", [(f"<Image>{span}</Image>", -1)], thumbnail, regular,
                            [tags[t] for t in regular])
-    raise ValueError(f"arch: expected 'D', 'X' or 'H', got {arch!r}")
+    raise InputError(f"arch: expected 'D', 'X' or 'H', got {arch!r}")
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -146,7 +147,7 @@ def normalize_conversation(conversation: Sequence[Mapping[str, Any]]) -> list[tu
         role = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
         if not isinstance(role, str) or role not in _ROLES:
-            raise ValueError(f"conversation[{i}]: expected 'from' in human/gpt/system or 'role' "
+            raise InputError(f"conversation[{i}]: expected 'from' in human/gpt/system or 'role' "
                              f"in user/assistant/system, got {role!r}")
         if not isinstance(text, str):
             raise TypeError(f"conversation[{i}]: expected the text ('value' or 'content') to be "
@@ -179,12 +180,12 @@ class NVLMProcessor:
 
     def __init__(self, tokenizer: Tokenizer, config: NVLMConfig) -> None:
         if tokenizer.image_token_id != config.image_token_id:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer.image_token_id: expected config.image_token_id "
                 f"{config.image_token_id}, got {tokenizer.image_token_id} "
                 f"({tokenizer.image_token!r}); the model would put image rows on the wrong ids")
         if tokenizer.vocab_size > config.llm.vocab_size:
-            raise ValueError(f"tokenizer.vocab_size: expected at most config.llm.vocab_size "
+            raise InputError(f"tokenizer.vocab_size: expected at most config.llm.vocab_size "
                              f"{config.llm.vocab_size}, got {tokenizer.vocab_size}")
         self.tokenizer = tokenizer
         self.config = config
@@ -254,20 +255,20 @@ class NVLMProcessor:
             require_positive_int(max_len, "max_len")
         if self.config.arch != "D" and max_tiles > self.config.max_tiles:
             # NVLM-X/H size their tile tags and X-attn memory by the preset
-            raise ValueError(f"max_tiles: expected at most config.max_tiles "
+            raise InputError(f"max_tiles: expected at most config.max_tiles "
                              f"({self.config.max_tiles}) for NVLM-{self.config.arch}, got "
                              f"{max_tiles}")
         image_token = self.tokenizer.image_token
         for i, (_, text) in enumerate(turns):
             if image_token in text:
-                raise ValueError(
+                raise InputError(
                     f"conversation[{i}]: contains the image token {image_token!r} as text; it "
                     f"is reserved for image rows (write {IMAGE_PLACEHOLDER!r} where an image goes)")
             tag = self._markup.search(text) if self.config.arch != "D" else None
             if tag:
                 # NVLM-X/H tie the tokens of these tags to tiles: text that spells one out would
                 # be a tag the processor cannot match to any tile
-                raise ValueError(
+                raise InputError(
                     f"conversation[{i}]: contains the image markup {tag.group(0)!r} as text; the "
                     f"processor writes the image spans and tile tags itself (write "
                     f"{IMAGE_PLACEHOLDER!r} where an image goes)")
@@ -277,13 +278,13 @@ class NVLMProcessor:
         if images and num_placeholders == 0:
             first_user = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
             if first_user is None:
-                raise ValueError(f"conversation: {len(images)} image(s) given but there is no "
+                raise InputError(f"conversation: {len(images)} image(s) given but there is no "
                                  "user turn to put them in")
             turns = list(turns)
             turns[first_user] = ("user", f"{IMAGE_PLACEHOLDER}\n{turns[first_user][1]}")
             num_placeholders = 1
         if num_placeholders != len(images):
-            raise ValueError(f"conversation: {num_placeholders} {IMAGE_PLACEHOLDER!r} "
+            raise InputError(f"conversation: {num_placeholders} {IMAGE_PLACEHOLDER!r} "
                              f"placeholder(s) in the user turns but {len(images)} image(s) given; "
                              "they must match one to one")
         if max_len is not None:
@@ -332,7 +333,7 @@ class NVLMProcessor:
         found = int((input_ids == self.tokenizer.image_token_id).sum())
         if found != expected:
             # Only a tokenizer that splits or merges the image token can get here.
-            raise ValueError(f"input_ids: expected {expected} image tokens ({len(decoder_tiles)} "
+            raise InputError(f"input_ids: expected {expected} image tokens ({len(decoder_tiles)} "
                              f"tile(s) in the decoder x {self.tokens_per_tile} per tile), found "
                              f"{found}")
         if tiles:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import check_max_tiles
+from .errors import InputError
 
 PARTS = ("vision", "projector", "llm", "xattn")
 STAGES = ("vision", "text", "pretrain", "sft")
@@ -51,32 +52,32 @@ class StageRecipe:
         rate would train garbage without an error); ValueError naming the field otherwise."""
         unknown = sorted(set(self.trained) - set(PARTS))
         if unknown or not self.trained:
-            raise ValueError(f"trained: expected a non-empty subset of {PARTS}, got {self.trained}")
+            raise InputError(f"trained: expected a non-empty subset of {PARTS}, got {self.trained}")
         for name in ("global_batch", "seq_len", "max_tiles", "steps", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name}: expected an integer, got {value!r}")
+                raise InputError(f"{name}: expected an integer, got {value!r}")
             if value < (0 if name == "warmup_steps" else 1):
-                raise ValueError(f"{name}: expected >= {0 if name == 'warmup_steps' else 1}, "
+                raise InputError(f"{name}: expected >= {0 if name == 'warmup_steps' else 1}, "
                                  f"got {value}")
         check_max_tiles(self.max_tiles)   # a bound: every tile grid is enumerated
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+                raise InputError(f"{name}: expected a finite number, got {value!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+            raise InputError(f"lr: expected > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr: expected 0 <= min_lr <= lr = {self.lr}, got {self.min_lr}")
+            raise InputError(f"min_lr: expected 0 <= min_lr <= lr = {self.lr}, got {self.min_lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+            raise InputError(f"weight_decay: expected >= 0, got {self.weight_decay}")
         # clip_grad_norm_ with a bound of 0 zeroes every gradient; negative flips them
         if self.grad_clip <= 0:
-            raise ValueError(f"grad_clip: expected > 0, got {self.grad_clip}")
+            raise InputError(f"grad_clip: expected > 0, got {self.grad_clip}")
         if (len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
                                             for b in self.betas)):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
+            raise InputError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
         return self
 
 
@@ -93,7 +94,7 @@ _PAPER = {
 
 def paper_recipe(arch: str, stage: str) -> StageRecipe:
     if (arch, stage) not in _PAPER:
-        raise ValueError("arch/stage: expected arch in D/X/H and a paper stage (pretrain or "
+        raise InputError("arch/stage: expected arch in D/X/H and a paper stage (pretrain or "
                          f"sft), got {arch!r}/{stage!r}")
     return _PAPER[(arch, stage)]
 
@@ -121,7 +122,7 @@ def recipe(arch: str, stage: str, preset: str) -> StageRecipe:
     The freeze sets and optimizer settings stay the paper's."""
     if stage in ("vision", "text"):
         if arch not in ("D", "X", "H"):
-            raise ValueError(f"arch: expected D, X or H, got {arch!r}")
+            raise InputError(f"arch: expected D, X or H, got {arch!r}")
         return VISION_WARMUP if stage == "vision" else TEXT_WARMUP
     base = paper_recipe(arch, stage)
     if preset != "tiny":
@@ -143,7 +144,7 @@ def apply_freeze(model: nn.Module, trained: tuple[str, ...]) -> list[str]:
     parts = trainable_modules(model)
     missing = sorted(set(trained) - set(parts))
     if missing:
-        raise ValueError(f"trained: parts {missing} do not exist in this model "
+        raise InputError(f"trained: parts {missing} do not exist in this model "
                          f"(it has {sorted(parts)})")
     model.requires_grad_(False)
     for name in trained:

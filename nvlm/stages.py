@@ -22,6 +22,7 @@ from torch import nn
 
 from .data import DataSpec, RowPacker, SampleStream, SkipCounter
 from .distributed import World
+from .errors import InputError
 from .packing import pack_samples
 from .processing import NVLMProcessor
 from .recipes import StageRecipe
@@ -88,7 +89,7 @@ class LanguageModelStage:
     def check_fits(name: str, recipe: StageRecipe, world: World, micro_batch: int) -> None:
         rows_per_rank, rem = divmod(recipe.global_batch, world.size)
         if rem or rows_per_rank % micro_batch:
-            raise ValueError(f"--global-batch {recipe.global_batch} (stage {name!r}): must "
+            raise InputError(f"--global-batch {recipe.global_batch} (stage {name!r}): must "
                              f"split into {world.size} rank(s) x --micro-batch {micro_batch} "
                              "x accumulation")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from nvlm.config import BYTE_TOKENIZER_IMAGE_TOKEN_ID, BYTE_TOKENIZER_VOCAB_SIZE
+from .errors import InputError
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -121,7 +122,7 @@ class ByteTokenizer:
                 pending.append(token_id)
                 continue
             if not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"ids[{position}]: expected an id in [0, {self.vocab_size}), "
+                raise InputError(f"ids[{position}]: expected an id in [0, {self.vocab_size}), "
                                  f"got {token_id}")
             parts.append(pending.decode("utf-8", errors="replace"))
             pending.clear()
@@ -169,7 +170,7 @@ class HFTokenizer:
             image_token = next((t for t in IMAGE_TOKEN_CANDIDATES
                                 if tokenizer.token_to_id(t) is not None), None)
             if image_token is None:
-                raise ValueError(
+                raise InputError(
                     f"{source}: has none of the image placeholder tokens "
                     f"{list(IMAGE_TOKEN_CANDIDATES)}; pass image_token= with the placeholder "
                     "token of this vocabulary")
@@ -194,7 +195,7 @@ class HFTokenizer:
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception on malformed files
-            raise ValueError(f"{str(path)!r}: not a readable tokenizer.json ({err})") from err
+            raise InputError(f"{str(path)!r}: not a readable tokenizer.json ({err})") from err
         return cls(tokenizer, image_token=image_token, source=str(path))
 
     @classmethod
@@ -205,13 +206,13 @@ class HFTokenizer:
     def _require_single_token(self, token: str, what: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{self._source}: {what} {token!r} is not in the vocabulary; NVLM "
+            raise InputError(f"{self._source}: {what} {token!r} is not in the vocabulary; NVLM "
                              f"prompts need it (ChatML: {IM_START!r} / {IM_END!r})")
         # A token that is in the vocabulary but not an added token would be split into pieces
         # when it appears in text, and placeholders would no longer map to one id each.
         encoded = self._tokenizer.encode(token, add_special_tokens=False).ids
         if encoded != [token_id]:
-            raise ValueError(f"{self._source}: {what} {token!r} encodes to {encoded}, expected "
+            raise InputError(f"{self._source}: {what} {token!r} encodes to {encoded}, expected "
                              f"the single id {token_id}; it must be an added (special) token")
         return token_id
 
@@ -278,9 +279,9 @@ def _read_token_ids(path: Path) -> dict[str, int]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r}: not a readable JSON tokenizer file ({err})") from err
+        raise InputError(f"{str(path)!r}: not a readable JSON tokenizer file ({err})") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{str(path)!r}: expected a JSON object, got {type(data).__name__}")
     ids: dict[str, int] = {}
     if path.name == "tokenizer.json":
         model_vocab = (data.get("model") or {}).get("vocab")
@@ -316,7 +317,7 @@ def load_tokenizer(directory: str | Path | None = None) -> Tokenizer:
     other = sorted(p.name for p in directory.iterdir()
                    if p.name in ("tokenizer.model", "vocab.json", "merges.txt"))
     if other:
-        raise ValueError(f"{str(directory)!r}: has {other} but no tokenizer.json; only "
+        raise InputError(f"{str(directory)!r}: has {other} but no tokenizer.json; only "
                          "tokenizer.json files are supported (convert with transformers' "
                          "AutoTokenizer(...).save_pretrained, which writes one)")
     return ByteTokenizer()

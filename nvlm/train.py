@@ -53,15 +53,16 @@ import torch  # noqa: E402
 from nvlm import recipes  # noqa: E402
 from nvlm.config import PRESETS, NVLMConfig  # noqa: E402
 from nvlm.data import check_input_file, load_eval_set, parse_data_spec  # noqa: E402
-from nvlm.files import RunLock, atomic_directory, remove_temporaries, write_text_atomic  # noqa: E402
+from nvlm.demo.warmup import VisionWarmupStage  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
+from nvlm.errors import InputError  # noqa: E402
+from nvlm.files import RunLock, atomic_directory, remove_temporaries, write_text_atomic  # noqa: E402
 from nvlm.model import NVLM  # noqa: E402
 from nvlm.processing import NVLMProcessor  # noqa: E402
-from nvlm.tokenizer import load_tokenizer  # noqa: E402
-from nvlm.demo.warmup import VisionWarmupStage  # noqa: E402
 from nvlm.recipes import build_optimizer, lr_at  # noqa: E402
 from nvlm.stages import LanguageModelStage, Stage, StageContext  # noqa: E402
+from nvlm.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("nvlm.train")
 
@@ -211,7 +212,7 @@ def build_config(args: dict[str, Any]) -> TrainConfig:
     values.update({k: v for k, v in args.items() if k in run_fields and v is not None})
     unknown = sorted(set(values) - run_fields)
     if unknown:
-        raise ValueError(f"config: unknown keys {unknown}; known: {sorted(run_fields)}")
+        raise InputError(f"config: unknown keys {unknown}; known: {sorted(run_fields)}")
     config = TrainConfig(**values)
 
     stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
@@ -222,7 +223,7 @@ def build_config(args: dict[str, Any]) -> TrainConfig:
         for i, entry in enumerate(file_stages):
             bad = sorted(set(entry) - stage_fields)
             if bad:
-                raise ValueError(f"stages[{i}]: unknown keys {bad}; known: {sorted(stage_fields)}")
+                raise InputError(f"stages[{i}]: unknown keys {bad}; known: {sorted(stage_fields)}")
             stages.append(StageConfig(**entry))
     elif config.data is None and config.init is None:
         stages = demo_stages(config.arch)
@@ -261,7 +262,7 @@ def _saved_run_config(args: dict[str, Any]) -> dict[str, Any] | None:
     try:
         saved = json.loads(path.read_text())["train"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"--resume: {path} is not a run configuration ({err})") from None
+        raise InputError(f"--resume: {path} is not a run configuration ({err})") from None
     return saved
 
 
@@ -280,7 +281,7 @@ def _check_resume_changes(saved: dict[str, Any], config: TrainConfig) -> None:
                     for i, (old, new) in enumerate(zip(saved["stages"], now["stages"]))
                     for key in new if old.get(key) != new[key]]
     if changes and not config.allow_config_change:
-        raise ValueError(f"--resume: these settings differ from the run's own ({'; '.join(changes)}"
+        raise InputError(f"--resume: these settings differ from the run's own ({'; '.join(changes)}"
                          "); drop those flags to continue the run exactly, or pass "
                          "--allow-config-change to continue with the new ones")
     config.resume_changes = changes
@@ -293,44 +294,44 @@ def validate_config(config: TrainConfig) -> None:
         if f.name != "stages":
             _check_type(f"--{f.name.replace('_', '-')}", getattr(config, f.name), f.type)
     if config.arch not in ("D", "X", "H"):
-        raise ValueError(f"--arch: expected D, X or H, got {config.arch!r}")
+        raise InputError(f"--arch: expected D, X or H, got {config.arch!r}")
     if config.preset not in PRESETS:
-        raise ValueError(f"--preset: expected one of {sorted(PRESETS)}, got {config.preset!r}")
+        raise InputError(f"--preset: expected one of {sorted(PRESETS)}, got {config.preset!r}")
     if config.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu or cuda, got {config.device!r}")
+        raise InputError(f"--device: expected auto, cpu or cuda, got {config.device!r}")
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here (use cpu or auto)")
+        raise InputError("--device cuda: no CUDA device is available here (use cpu or auto)")
     for name, low in (("micro_batch", 1), ("save_every", 1), ("log_every", 1), ("eval_n", 0),
                       ("eval_batch", 1), ("max_new_tokens", 1), ("synth_train", 1)):
         if getattr(config, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')}: expected >= {low}, "
+            raise InputError(f"--{name.replace('_', '-')}: expected >= {low}, "
                              f"got {getattr(config, name)}")
     if config.stop_at_step is not None and config.stop_at_step < 1:
-        raise ValueError(f"--stop-at-step: expected >= 1, got {config.stop_at_step}")
+        raise InputError(f"--stop-at-step: expected >= 1, got {config.stop_at_step}")
     if config.init is not None and not (Path(config.init) / "config.json").is_file():
-        raise ValueError(f"--init: {config.init!r} is not a checkpoint directory (no config.json)")
+        raise InputError(f"--init: {config.init!r} is not a checkpoint directory (no config.json)")
     if config.no_tile_tags and (config.init is not None or config.arch != "D"):
-        raise ValueError("--no-tile-tags: for a new NVLM-D model only (a checkpoint's config "
+        raise InputError("--no-tile-tags: for a new NVLM-D model only (a checkpoint's config "
                          "decides its own tags; NVLM-X/H tie each tag to its tile)")
     if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
-        raise ValueError(f"--out: {config.out!r} exists and is not a directory")
+        raise InputError(f"--out: {config.out!r} exists and is not a directory")
     if config.image_root is not None and not Path(config.image_root).is_dir():
-        raise ValueError(f"--image-root: {config.image_root!r} is not a directory")
+        raise InputError(f"--image-root: {config.image_root!r} is not a directory")
     if config.eval_data is not None:
         check_input_file(config.eval_data, "--eval-data")
     for spec in {config.data, *(s.data for s in config.stages)} - {None}:
         parse_data_spec(spec)   # every file of every stage exists, weights are valid
     for s in config.stages:
         if not isinstance(s.name, str) or not s.name:
-            raise ValueError(f"stages: every stage needs a name, got {s.name!r}")
+            raise InputError(f"stages: every stage needs a name, got {s.name!r}")
         if s.stage not in recipes.STAGES:
-            raise ValueError(f"stage {s.name!r}: expected one of {recipes.STAGES}, got {s.stage!r}")
+            raise InputError(f"stage {s.name!r}: expected one of {recipes.STAGES}, got {s.stage!r}")
         try:
             s.resolve(config.arch, config.preset)        # fail now, not hours into the run
         except (TypeError, ValueError) as err:   # TypeError: a config file's wrong type
             key, _, why = str(err).partition(": ")
             flag = f"--{key.replace('_', '-')}" if key in _STAGE_FIELDS else key
-            raise ValueError(f"{flag} (stage {s.name!r}): {why or err}") from None
+            raise InputError(f"{flag} (stage {s.name!r}): {why or err}") from None
 
 
 _STAGE_FIELDS = {f.name for f in dataclasses.fields(StageConfig)}
@@ -348,28 +349,34 @@ def _check_type(flag: str, value: Any, annotation: str) -> None:
             return   # a type this check does not cover
         if isinstance(value, expected) and not (isinstance(value, bool) and option != "bool"):
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{flag}: expected a finite number, got {value}")
+                raise InputError(f"{flag}: expected a finite number, got {value}")
             return
-    raise ValueError(f"{flag}: expected {annotation}, got {value!r}")
+    raise InputError(f"{flag}: expected {annotation}, got {value!r}")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ValueError(f"--config: {str(path)!r} is not a file")
+        raise InputError(f"--config: {str(path)!r} is not a file")
     if path.suffix == ".toml":
         import tomllib
 
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            try:
+                return tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise InputError(f"--config {path}: not valid TOML ({err})") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), "
+            raise InputError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), "
                              "or write the file as TOML") from None
         with open(path) as f:
-            return yaml.safe_load(f) or {}
-    raise ValueError(f"--config: expected a .toml or .yaml file, got {str(path)!r}")
+            try:
+                return yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise InputError(f"--config {path}: not valid YAML ({err})") from None
+    raise InputError(f"--config: expected a .toml or .yaml file, got {str(path)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +469,7 @@ def check_checkpoint(path: Path, state: dict[str, Any], config: TrainConfig,
     if saved_stages != stages:
         problems.append(f"stages differ: checkpoint {saved_stages}, this run {stages}")
     if problems:
-        raise ValueError(f"--resume: {path} belongs to another run ({'; '.join(problems)}); "
+        raise InputError(f"--resume: {path} belongs to another run ({'; '.join(problems)}); "
                          "start a new --out or run with the same configuration")
     return state
 
@@ -559,12 +566,12 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[NVLM, Any]:
 def resolve_out_dir(config: TrainConfig, world: World) -> Path:
     if config.out is None:
         if config.resume:
-            raise ValueError("--resume: say which run to continue with --out")
+            raise InputError("--resume: say which run to continue with --out")
         stamp = world.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         config.out = f"runs/{config.arch}-{config.preset}-{stamp}"
     out = Path(config.out)
     if not config.resume and resumable_checkpoints(out):
-        raise ValueError(f"--out {out}: holds checkpoints of an earlier run; pass --resume to "
+        raise InputError(f"--out {out}: holds checkpoints of an earlier run; pass --resume to "
                          "continue it or choose another --out (nothing is overwritten)")
     return out
 
@@ -623,7 +630,7 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
     found = read_newest_checkpoint(out, config, model_config) if config.resume else None
     if config.resume and found is None:
         unreadable = len(resumable_checkpoints(out))
-        raise ValueError(f"--resume: {out} has no checkpoint to continue from"
+        raise InputError(f"--resume: {out} has no checkpoint to continue from"
                          + (f" ({unreadable} that do not read back)" if unreadable else ""))
     resume_path, resumed = found if found else (None, None)
     if config.resume_changes:
@@ -795,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as err:   # refused input: bad flag, data, checkpoint, folder
+    except (InputError, OSError) as err:   # refused input: bad flag, data, checkpoint, folder
         if "--debug" in argv:
             raise
         print(f"error: {err} (--debug shows where)", file=sys.stderr)

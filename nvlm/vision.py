@@ -16,6 +16,7 @@ from torch import nn
 import nvlm_kernels
 
 from .config import VisionConfig
+from .errors import InputError
 from .layers import RMSNorm, init_linear
 
 
@@ -131,7 +132,7 @@ class InternVisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise ValueError(f"pixel_values: expected shape (num_tiles, 3, {size}, {size}), "
+            raise InputError(f"pixel_values: expected shape (num_tiles, 3, {size}, {size}), "
                              f"got {tuple(pixel_values.shape)}")
         x_NLC = self.embeddings(pixel_values)
         n, length, c = x_NLC.shape

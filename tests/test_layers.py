@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # nvlm's modules from the bottom up; a module may import its own layer or any lower one.
 NVLM_LAYERS = (
-    {"config", "files", "flags", "layers", "packing", "plot", "tokenizer", "images", "demo"},
+    {"errors", "config", "files", "flags", "layers", "packing", "plot", "tokenizer", "images",
+     "demo"},
     {"processing", "llm", "vision", "xattn", "demo.synth"},
     {"model", "data"},
     {"generate", "evaluate", "checkpoint", "recipes", "distributed", "stages"},

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import InputError
 from ..files import atomic_file
 
 QUESTION = "What is the code in the image?"
@@ -60,19 +61,19 @@ class TaskSpec:
     def validate(self) -> "TaskSpec":
         width, height = self.canvas
         if self.digits < 3:
-            raise ValueError("digits: expected >= 3 (so that guessing stays hopeless), "
+            raise InputError("digits: expected >= 3 (so that guessing stays hopeless), "
                              f"got {self.digits}")
         if self.font_sizes[0] > self.font_sizes[1] or self.font_sizes[0] < 6:
-            raise ValueError(f"font_sizes: expected 6 <= lo <= hi, got {self.font_sizes}")
+            raise InputError(f"font_sizes: expected 6 <= lo <= hi, got {self.font_sizes}")
         if self.cell < 1 or self.tile % self.cell:
-            raise ValueError(f"cell: expected a divisor of tile = {self.tile}, got {self.cell}")
+            raise InputError(f"cell: expected a divisor of tile = {self.tile}, got {self.cell}")
         if self.digits > self.tile // self.cell:
-            raise ValueError(f"digits: at most {self.tile // self.cell} fit on one row of a "
+            raise InputError(f"digits: at most {self.tile // self.cell} fit on one row of a "
                              f"{self.tile}-px tile with {self.cell}-px cells, got {self.digits}")
         if width % self.tile or height % self.tile:
-            raise ValueError(f"canvas: expected multiples of tile = {self.tile}, got {self.canvas}")
+            raise InputError(f"canvas: expected multiples of tile = {self.tile}, got {self.canvas}")
         if not 0 <= self.jitter <= self.cell // 4:
-            raise ValueError(f"jitter: expected 0..{self.cell // 4}, got {self.jitter}")
+            raise InputError(f"jitter: expected 0..{self.cell // 4}, got {self.jitter}")
         return self
 
 
@@ -221,7 +222,7 @@ def ensure_task(folder: Path, train_n: int, eval_n: int, seed: int = 0,
         try:
             have = json.loads(paths["spec"].read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{paths['spec']}: not valid JSON ({err}); delete the folder's "
+            raise InputError(f"{paths['spec']}: not valid JSON ({err}); delete the folder's "
                              "task to write it anew") from None
         if isinstance(have, dict) and isinstance(have.get("spec"), dict):   # else: rewrite it
             have["spec"] = {k: tuple(v) if isinstance(v, list) else v

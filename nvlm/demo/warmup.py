@@ -36,6 +36,7 @@ import nvlm_kernels
 from ..config import NVLMConfig
 from ..data import DataSpec, JsonlSource, SkipCounter, as_tuple
 from ..distributed import World
+from ..errors import InputError
 from ..images import dynamic_tiles, image_to_tensor, load_image, tile_boxes
 from ..packing import IGNORE_INDEX
 from ..recipes import StageRecipe, build_optimizer
@@ -53,13 +54,13 @@ def parse_glyphs(value: Any, where: str) -> list[tuple[str, float, float, float,
     """A line's `glyphs` list, checked: each entry [char (one character), left, top, right,
     bottom] with left <= right and top <= bottom."""
     if not isinstance(value, list):
-        raise ValueError(f"{where}: 'glyphs' must be a list of [char, left, top, right, bottom]")
+        raise InputError(f"{where}: 'glyphs' must be a list of [char, left, top, right, bottom]")
     glyphs = []
     for i, entry in enumerate(value):
         ok = (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
               and len(entry[0]) == 1 and all(isinstance(v, (int, float)) for v in entry[1:]))
         if not ok or entry[1] > entry[3] or entry[2] > entry[4]:
-            raise ValueError(f"{where}: glyphs[{i}]: expected [char, left, top, right, bottom] "
+            raise InputError(f"{where}: glyphs[{i}]: expected [char, left, top, right, bottom] "
                              f"with left <= right and top <= bottom, got {entry!r}")
         glyphs.append((entry[0], *map(float, entry[1:])))
     return glyphs
@@ -162,7 +163,7 @@ class GlyphStream:
     def _next_image(self):
         while True:
             if self.records_read >= 64 and self.images_used == 0:
-                raise ValueError("stage 'vision' found no line with 'glyphs' and one image in "
+                raise InputError("stage 'vision' found no line with 'glyphs' and one image in "
                                  f"the first {self.records_read} lines of its data; it needs "
                                  "glyph boxes (see nvlm.demo.synth)")
             source = self.rng.choices(self.sources, weights=self.weights)[0]
@@ -224,7 +225,7 @@ class VisionWarmupStage:
     @staticmethod
     def check_fits(name: str, recipe: StageRecipe, world: World, micro_batch: int) -> None:
         if world.distributed:
-            raise ValueError(f"stage {name!r}: the vision warm-up runs in one process "
+            raise InputError(f"stage {name!r}: the vision warm-up runs in one process "
                              "(its heads live outside the FSDP-sharded model); run it alone "
                              "first, then --init the sharded run from its model/")
 
