@@ -747,7 +747,7 @@ def stage_train_step(ctx: Context) -> None:
                 ctx.results.append("time", **identity, device=device,
                                    tokens=train_bench.SAMPLES * length, peak_memory_gb=peak,
                                    **timing.as_row())
-                del model, optimizer
+                model = optimizer = None   # free the model before the next arch
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import torch
 import torch.nn.functional as F
 
@@ -27,10 +28,9 @@ def pixel_shuffle(x: torch.Tensor, scale: int = 2, grid: tuple[int, int] | None 
     """x (N, h*w, C) -> (N, (h/s)*(w/s), C*s*s); output token (r, c) holds input patches
     (s*r + i, s*c + j) for i, j in [0, s), i-major (NVLM "v2" layout, docs/nvlm.md section 4)."""
     h, w = _validate.shuffle_grid(x, scale, grid)
-    n, _, c = x.shape
-    x_grid = x.reshape(n, h // scale, scale, w // scale, scale, c)  # (n, r, i, c', j, C)
-    shuffled = x_grid.permute(0, 1, 3, 2, 4, 5)                  # (n, r, c', i, j, C)
-    return shuffled.reshape(n, (h // scale) * (w // scale), scale * scale * c)
+    # input token (s*r + i) * w + (s*c + j) -> output token r * (w/s) + c, channels (i, j, C)
+    return einops.rearrange(x, "n (r i c j) ch -> n (r c) (i j ch)", i=scale, j=scale,
+                            c=w // scale)
 
 
 def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -7,7 +7,6 @@ spelled out and the run stays fast.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import subprocess
 import sys

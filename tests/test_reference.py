@@ -98,7 +98,8 @@ def test_multimodal_embed_accepts_any_id_shape():
     table, images = torch.randn(5, 3, dtype=f64), torch.randn(1, 3, dtype=f64)
     torch.testing.assert_close(reference.multimodal_embed(torch.tensor(9), table, images, 9), images[0])
     torch.testing.assert_close(reference.multimodal_embed(torch.tensor(2), table, images[:0], 9), table[2])
-    assert reference.multimodal_embed(torch.zeros(2, 0, 3, dtype=torch.long), table, images[:0], 9).shape == (2, 0, 3, 3)
+    empty = torch.zeros(2, 0, 3, dtype=torch.long)
+    assert reference.multimodal_embed(empty, table, images[:0], 9).shape == (2, 0, 3, 3)
 
 
 def test_multimodal_embed_gradients_go_to_their_sources():

@@ -155,7 +155,8 @@ def ranges(start, end):
 def test_kv_range_outside_memory():
     q, k, v = attention_inputs(total_q=3, total_k=5)
     start, end = ranges([0, 1, 2], [5, 6, 3])
-    with pytest.raises(ValueError, match=r"\[kv_start\[1\], kv_end\[1\]\) = \[1, 6\) lies outside the memory \[0, total_kv = 5\)"):
+    outside = r"\[kv_start\[1\], kv_end\[1\]\) = \[1, 6\) lies outside the memory \[0, total_kv = 5\)"
+    with pytest.raises(ValueError, match=outside):
         nk.cross_attention(q, k, v, start, end)
 
 
