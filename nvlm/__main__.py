@@ -22,12 +22,12 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from nvlm.config import MAX_TILES_LIMIT
+from nvlm.config import DEFAULT_THUMBNAIL_TAG, MAX_TILES_LIMIT
 from nvlm.errors import InputError
 from nvlm.flags import (EXIT_USAGE, device_flag, existing_dir_flag, existing_file_flag, float_flag,
                         int_flag, non_empty_flag, output_file_flag, seed_flag)
 from nvlm.images import find_grid, load_image, tile_boxes
-from nvlm.processing import DEFAULT_THUMBNAIL_TAG, image_layout, tile_tags
+from nvlm.processing import image_layout, tile_tags
 
 # ---------------------------------------------------------------------------------------------
 # Commands

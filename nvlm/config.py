@@ -47,6 +47,10 @@ def check_max_tiles(value: Any, name: str = "max_tiles") -> int:
     return int(value)
 
 
+# The tag of the thumbnail tile in the prompt (NVLM-D-72B, InternVL2; docs/nvlm.md section 6).
+DEFAULT_THUMBNAIL_TAG = "<tile_global_thumbnail>"
+
+
 @dataclass
 class VisionConfig:
     """InternViT (docs/nvlm.md section 3). Tokens per tile before the shuffle: (image_size / patch_size)^2."""
@@ -145,7 +149,7 @@ class NVLMConfig:
     image_token_id: int = 151654     # `<|vision_pad|>` in the Qwen2.5 vocabulary (NVLM-D-72B)
     max_tiles: int = 6               # regular tiles per image; a thumbnail comes on top
     use_thumbnail: bool = True
-    thumbnail_tag: str = "<tile_global_thumbnail>"   # `<tile_global>` for the 34B (Yi) model
+    thumbnail_tag: str = DEFAULT_THUMBNAIL_TAG   # `<tile_global>` for the 34B (Yi) model
     # The 1-D tile tags before each tile's tokens (docs/nvlm.md section 6). False: none, the "no tag"
     # baseline of the paper's Table 1, NVLM-D only (X and H tie their tags to tiles).
     tile_tags: bool = True

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nvlm.config import NVLMConfig, check_max_tiles
+from nvlm.config import DEFAULT_THUMBNAIL_TAG, NVLMConfig, check_max_tiles
 from .errors import InputError
 from nvlm.images import (ImageSource, dynamic_tiles, image_size, image_to_tensor, load_image,
                          require_positive_int, tile_boxes)
@@ -31,7 +31,6 @@ from nvlm.packing import IGNORE_INDEX, ProcessedSample, XAttnSample
 from nvlm.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"        # where an image goes in the user text
-DEFAULT_THUMBNAIL_TAG = "<tile_global_thumbnail>"
 class SampleTooLong(InputError):
     """A sample that needs more tokens than the budget (`max_len`) it was built for."""
 
@@ -213,11 +212,6 @@ class NVLMProcessor:
         return image_layout(self.config.arch, num_tiles, self.tokens_per_tile,
                             self.tokenizer.image_token, thumbnail_tag=self.config.thumbnail_tag,
                             has_thumbnail=has_thumbnail, tagged=self.config.tile_tags)
-
-    def image_text(self, num_tiles: int) -> str:
-        """What one `<image>` with `num_tiles` tiles becomes in the decoder's text."""
-        layout = self.image_layout(num_tiles)
-        return layout.opening + "".join(text for text, _tile in layout.pieces)
 
     def __call__(self, conversations: Sequence[Mapping[str, Any]],
                  images: ImageSource | Sequence[ImageSource] | None = None,

@@ -24,9 +24,9 @@ import functools
 import torch
 
 from . import _registration, reference
+from ._validate import FLOAT_DTYPES
 from ._implementation import Implementation
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +94,7 @@ def varlen_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, softmax_scale: float | None = None,
                          causal: bool = False) -> torch.Tensor:
-    scale = reference._default_scale(q, softmax_scale)
+    scale = reference.softmax_scale_or_default(q, softmax_scale)
     if _scores_may_be_non_finite(q, k, scale):
         # where aten's kernel would return 0 for a row of NaN scores (see the module docstring)
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -146,7 +146,7 @@ def _register_python_side() -> None:
 
 def _float_on_compiled_device(op: str):
     def supports(device: torch.device, dtype: torch.dtype) -> str | None:
-        if dtype not in _FLOAT_DTYPES or (device.type == "cuda" and dtype == torch.float64):
+        if dtype not in FLOAT_DTYPES or (device.type == "cuda" and dtype == torch.float64):
             return f"dtype {dtype} is not supported on {device.type}"
         if not _has_kernel(op, device.type):
             return f"nvlm_kernels._C has no {device.type} kernel for {op}"
@@ -158,7 +158,7 @@ def _float_on_compiled_device(op: str):
 def _cpu_only(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cpu":
         return "the native varlen_attention is the CPU path; GPUs use the Triton kernel"
-    return None if dtype in _FLOAT_DTYPES else f"dtype {dtype} is not supported"
+    return None if dtype in FLOAT_DTYPES else f"dtype {dtype} is not supported"
 
 
 def implementations() -> dict[str, Implementation]:

@@ -27,6 +27,8 @@ except ImportError:
     CustomOpDef = EffectType = None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What the GPU kernels (Triton, CUDA) compute in; float64 runs on the CPU paths only.
+KERNEL_DTYPES = FLOAT_DTYPES[:3]
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 

@@ -73,7 +73,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     return torch.einsum("hqk,khd->qhd", probs.to(v.dtype), v)
 
 
-def _default_scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+def softmax_scale_or_default(q: torch.Tensor, softmax_scale: float | None) -> float:
+    """The attention ops' scale: softmax_scale, or 1/sqrt(head dim) when it is None."""
     return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
 
 
@@ -88,7 +89,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         x x x x .
         x x x x x
     """
-    scale = _default_scale(q, softmax_scale)
+    scale = softmax_scale_or_default(q, softmax_scale)
     offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outputs = []
     for b in range(len(offsets_q) - 1):
@@ -118,7 +119,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start:
                     kv_end: torch.Tensor, softmax_scale: float | None = None,
                     gate: torch.Tensor | float | None = None) -> torch.Tensor:
     """Query row i attends to memory rows [kv_start[i], kv_end[i]); output times tanh(gate)."""
-    scale = _default_scale(q, softmax_scale)
+    scale = softmax_scale_or_default(q, softmax_scale)
     total_q = q.shape[0]
     outputs = []
     for r0 in range(0, total_q, _CROSS_ATTENTION_QUERY_BLOCK):

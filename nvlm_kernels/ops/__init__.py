@@ -13,17 +13,17 @@ import importlib
 import torch
 
 from .._implementation import Implementation
+from .._validate import KERNEL_DTYPES
 
-_LOW_AND_FULL = (torch.float16, torch.bfloat16, torch.float32)
 
 # op name -> (module in this package, function, dtypes its kernels accept)
 TRITON_OPS: dict[str, tuple[str, str, tuple[torch.dtype, ...]]] = {
-    "pixel_shuffle": ("pixel_shuffle", "pixel_shuffle", _LOW_AND_FULL),
+    "pixel_shuffle": ("pixel_shuffle", "pixel_shuffle", KERNEL_DTYPES),
     "pixel_shuffle_layernorm": ("pixel_shuffle_layernorm", "pixel_shuffle_layernorm",
-                                _LOW_AND_FULL),
-    "multimodal_embed": ("multimodal_embed", "multimodal_embed", _LOW_AND_FULL),
-    "varlen_attention": ("varlen_attention", "varlen_attention", _LOW_AND_FULL),
-    "cross_attention": ("cross_attention", "cross_attention", _LOW_AND_FULL),
+                                KERNEL_DTYPES),
+    "multimodal_embed": ("multimodal_embed", "multimodal_embed", KERNEL_DTYPES),
+    "varlen_attention": ("varlen_attention", "varlen_attention", KERNEL_DTYPES),
+    "cross_attention": ("cross_attention", "cross_attention", KERNEL_DTYPES),
 }
 
 # modules whose COMPILE_SPECS the compile gate builds for sm_80 and sm_90

@@ -414,3 +414,30 @@ def delta_spec_signature() -> dict[str, str]:
             **{s: "i32" for s in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
                                   "stride_ut", "stride_uh", "total_q", "head_dim")},
             "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "GATE_GRAD": "constexpr"}
+
+
+def check_grid(op: str, **axes: int) -> None:
+    """The launch grid's axes 1 and 2 (sequences, heads) are limited to 65535 programs by CUDA."""
+    too_large = {name: size for name, size in axes.items() if size > 65535}
+    if too_large:
+        raise ValueError(f"the triton {op} launches one program per {' x '.join(axes)} on grid "
+                         f"axes limited to 65535; got {too_large}")
+
+
+# Spill allowances the compile gate grants both attention ops (their dK/dV pass is this core's):
+# - 16-bit GQA (GROUP > 1, first compiled 2026-11-28): the sm_90 d = 128 dK/dV program, whose
+#   head loop carries the group's accumulators, reaches 255 registers and spills 64 bytes on
+#   triton 3.9 (GROUP = 1: 251-254, none). The 72B decoder (GQA 8) runs it.
+# - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
+#   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
+CORE_SPILLS_16BIT: dict[tuple, int] = {("sm90", "bwd_dkdv", 128, "gqa"): 64}
+SPILLS_FP32 = 10 * 1024 + 512
+
+
+def allowed_spills(measured_16bit: dict[tuple, int], arch: str, kernel: str, padded: int,
+                   dtype: str, group: int = 1) -> int:
+    """The spill bytes the gate allows one program: fp32's, else the measured 16-bit entry for
+    (arch, kernel, padded head dim[, "gqa" when GROUP > 1]), else none."""
+    if dtype == "fp32":
+        return SPILLS_FP32
+    return measured_16bit.get((arch, kernel, padded) + (("gqa",) if group > 1 else ()), 0)

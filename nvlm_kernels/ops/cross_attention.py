@@ -40,9 +40,11 @@ import triton
 import triton.language as tl
 
 from .._memory import new_output
+from ..reference import softmax_scale_or_default
 from .._registration import register_cross_attention
 from ..compile_gate import KernelSpec, gqa_groups
-from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dkdv_step,
+from ._attention_core import (CORE_SPILLS_16BIT, DELTA_ROWS, LOG2E, allowed_spills, attend,
+                              check_grid, delta_kernel, dkdv_step,
                               dq_block, head_dim_padded, launch_tuned, load_query_block,
                               load_rows, loop_bounds, narrow_dots, shipped_configs,
                               store_rows, unit_last_stride, visible_keys)
@@ -164,12 +166,6 @@ def _cross_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, 
 # launchers
 
 
-def _check_grid(heads: int) -> None:
-    if heads > 65535:
-        raise ValueError(f"the triton cross_attention launches (blocks, {heads} heads); grid "
-                         f"axis 1 allows at most 65535")
-
-
 def _query_block_spans(kv_start: torch.Tensor, kv_end: torch.Tensor, total_kv: int,
                        block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key block, the span [first, last) of query blocks whose rows' ranges reach it
@@ -210,7 +206,7 @@ def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out, lse, ungated
-    _check_grid(heads)
+    check_grid("cross_attention", heads=heads)
     padded = head_dim_padded(head_dim)
     target = ungated if save_ungated else out
 
@@ -246,7 +242,7 @@ def _cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: tor
     d_gate = torch.zeros((heads,) if gate_grad else (0,), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return dq, dk, dv, d_gate
-    _check_grid(heads)
+    check_grid("cross_attention", heads=heads)
     out = unit_last_stride(out)
     ungated = unit_last_stride(ungated) if gate_grad else out
     padded = head_dim_padded(head_dim)
@@ -306,7 +302,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start:
                     kv_end: torch.Tensor, softmax_scale: float | None = None,
                     gate: torch.Tensor | float | None = None) -> torch.Tensor:
     """The triton backend of nvlm_kernels.cross_attention (inputs already validated)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_or_default(q, softmax_scale)
     factor = gate_factor(gate, q.shape[1], q.device)
     save_ungated = factor is not None and factor.requires_grad
     out, _lse, _ungated = _cross_attention_op(q, k, v, kv_start, kv_end, factor, scale,
@@ -320,17 +316,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start:
 
 # Spills: none in the 16-bit programs on triton 3.9 (2026-11-27), the gate's version. On triton
 # 3.6 (the GPU environment; recorded, not allowances) the sm_90 d = 128 and sm_80 d = 64 dK/dV
-# spill 8 bytes. GQA (GROUP > 1, first compiled 2026-11-28): the sm_90 d = 128 dK/dV program
-# reaches 255 registers and spills 64 bytes on 3.9 (GROUP = 1: 254, none), as in varlen
-# attention. fp32 (IEEE dots) is for correctness checks and spills as for varlen attention.
-_MEASURED_SPILLS_16BIT: dict[tuple, int] = {("sm90", "bwd_dkdv", 128, "gqa"): 64}
-_MEASURED_SPILLS_FP32 = 10 * 1024 + 512
+# spill 8 bytes. GQA and fp32: the attention core's allowances (_attention_core).
+_MEASURED_SPILLS_16BIT: dict[tuple, int] = dict(CORE_SPILLS_16BIT)
 
-
-def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str, group: int = 1) -> int:
-    if dtype == "fp32":
-        return _MEASURED_SPILLS_FP32
-    return _MEASURED_SPILLS_16BIT.get((arch, kernel, padded) + (("gqa",) if group > 1 else ()), 0)
 
 
 _STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
@@ -367,7 +355,7 @@ def _specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     name.format("fwd"), _cross_fwd_kernel, signature,
                     {**constexprs, "SAVE_UNGATED": True},
-                    allowed_spill_bytes=_allowed_spills(arch, "fwd", padded, dtype, group),
+                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, "fwd", padded, dtype, group),
                     divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "ungated_ptr",
                                      *_STRIDES, "stride_ot", "stride_oh", "stride_ut", "stride_uh",
                                      "head_dim"), **common))
@@ -384,7 +372,7 @@ def _specs() -> list[KernelSpec]:
                              if kind == "bwd_dkdv" else (_cross_bwd_dq_kernel, {"dq_ptr": pointer}))
             specs.append(KernelSpec(
                 name.format(kind), kernel, {**base, **extra, **tail}, constexprs,
-                allowed_spill_bytes=_allowed_spills(arch, kind, padded, dtype, group),
+                allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, kind, padded, dtype, group),
                 allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width),
                 divisible_by_16=aligned + tuple(n for n in extra if n.startswith("d")), **common))
     return specs

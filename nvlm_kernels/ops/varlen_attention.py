@@ -42,7 +42,6 @@ masked, so every d <= 256 works; 64 and 128 need no padding.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -50,9 +49,11 @@ import triton
 import triton.language as tl
 
 from .._memory import new_output
+from ..reference import softmax_scale_or_default
 from .._registration import register_varlen_attention
 from ..compile_gate import KernelSpec, gqa_groups
-from ._attention_core import (DELTA_ROWS, LOG2E, attend, delta_kernel, dot,
+from ._attention_core import (CORE_SPILLS_16BIT, DELTA_ROWS, LOG2E, allowed_spills, attend,
+                              check_grid, delta_kernel, dot,
                               delta_spec_signature, dkdv_step, dkdv_step_keys_on_m, dq_block,
                               head_dim_padded, keys_visible_to_rows,
                               launch_tuned, load_query_block, load_rows, loop_bounds,
@@ -231,12 +232,6 @@ def atomic_dq_enabled() -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-def _check_grid(batch: int, heads: int) -> None:
-    if batch > 65535 or heads > 65535:
-        raise ValueError(f"the triton varlen_attention launches (blocks, {batch} sequences, "
-                         f"{heads} heads); grid axes 1 and 2 allow at most 65535")
-
-
 @torch.library.custom_op("nvlm_triton::varlen_attention", mutates_args=())
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -249,7 +244,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0 or batch <= 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    _check_grid(batch, heads)
+    check_grid("varlen_attention", sequences=batch, heads=heads)
     padded = head_dim_padded(head_dim)
 
     def launch(config):
@@ -281,7 +276,7 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     dv = torch.zeros_like(v)
     if total_q == 0 or total_k == 0 or batch <= 0:
         return dq, dk, dv
-    _check_grid(batch, heads)
+    check_grid("varlen_attention", sequences=batch, heads=heads)
     out = unit_last_stride(out)
     padded = head_dim_padded(head_dim)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
@@ -335,7 +330,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      max_seqlen_k: int, softmax_scale: float | None = None,
                      causal: bool = False) -> torch.Tensor:
     """The triton backend of nvlm_kernels.varlen_attention (inputs already validated)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_or_default(q, softmax_scale)
     out, _lse = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, scale, causal)
     return out
@@ -353,20 +348,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 #   (full) and 16 (causal), 0 on 3.9; its spill-free alternative (32, 64, 8, 2) is in the tuner's
 #   set, for a GPU run to decide between them. With ATOMIC_DQ the 3.6 figure is 32 bytes (the
 #   alternative: 0).
-# - 16-bit GQA (GROUP > 1, first compiled 2026-11-28): the sm_90 d = 128 dK/dV program, whose
-#   head loop carries the group's accumulators, reaches 255 registers and spills 64 bytes (GROUP
-#   = 1: 251, none) on triton 3.9. The 72B decoder (GQA 8) runs it; the GPU run times it against
-#   the (32, 64, 8, 2) candidate (161 registers, no spills, two dots on mma.sync).
-# - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
-#   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
-_MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8, ("sm90", "bwd_dkdv", 128, "gqa"): 64}
-_MEASURED_SPILLS_FP32 = 10 * 1024 + 512
+# - 16-bit GQA and fp32: the attention core's allowances (_attention_core.CORE_SPILLS_16BIT,
+#   SPILLS_FP32). The GPU run times the GQA d = 128 dK/dV program against the (32, 64, 8, 2)
+#   candidate (161 registers, no spills, two dots on mma.sync).
+_MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8, **CORE_SPILLS_16BIT}
 
-
-def _allowed_spills(arch: str, kernel: str, padded: int, dtype: str, group: int = 1) -> int:
-    if dtype == "fp32":
-        return _MEASURED_SPILLS_FP32
-    return _MEASURED_SPILLS_16BIT.get((arch, kernel, padded) + (("gqa",) if group > 1 else ()), 0)
 
 
 def _specs() -> list[KernelSpec]:
@@ -407,7 +393,7 @@ def _specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     name, _attn_fwd_kernel, signature, constexprs, num_warps=warps,
                     num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=_allowed_spills(arch, "fwd", padded, dtype, group),
+                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, "fwd", padded, dtype, group),
                     divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qt",
                                      "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                      "stride_vh", "stride_ot", "stride_oh", "head_dim")))
@@ -443,7 +429,7 @@ def _specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     name[:-1] + suffix + "]", kernel, signature, values, num_warps=warps,
                     num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=_allowed_spills(arch, kind + suffix, padded, dtype,
+                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, kind + suffix, padded, dtype,
                                                         group),
                     allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width,
                                                        atomic_dq=bool(suffix)),
