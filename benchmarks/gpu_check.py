@@ -712,7 +712,7 @@ def stage_train_step(ctx: Context) -> None:
     from nvlm import recipes  # noqa: PLC0415
     from nvlm.config import NVLMConfig  # noqa: PLC0415
     from nvlm.model import NVLM  # noqa: PLC0415
-    from nvlm.train import build_optimizer  # noqa: PLC0415
+    from nvlm.recipes import build_optimizer  # noqa: PLC0415
     from timing import time_call  # noqa: PLC0415
 
     torch, device = ctx.torch, ctx.device

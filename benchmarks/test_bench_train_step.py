@@ -20,7 +20,7 @@ from bench_utils import synchronized
 from nvlm import recipes
 from nvlm.config import NVLMConfig
 from nvlm.model import NVLM
-from nvlm.train import build_optimizer
+from nvlm.recipes import build_optimizer
 from nvlm.packing import XAttnInputs
 
 SAMPLES, TEXT_TOKENS, TILES = 4, 200, 7

@@ -236,7 +236,7 @@ def config_from_checkpoint(data: dict[str, Any], shapes: dict[str, Shape]) -> NV
     projector and the dummy heads). image_token_id stays the default: load_pretrained sets it.
     With an "nvlm_config" section, the fields the layout cannot express come from it, and the
     rest must agree with what config.json and the tensors say. Values of the wrong JSON type
-    raise a ValueError naming their key."""
+    raise a InputError naming their key."""
     if not isinstance(data, dict):
         raise InputError(f"{CONFIG_FILE}: expected a JSON object, got {type(data).__name__}")
     image_size = _check_image_pipeline(data)
@@ -438,7 +438,8 @@ def _projector_config(data: dict[str, Any], shapes: dict[str, Shape], llm: LLMCo
 
 
 # Fields of a saved NVLMConfig that config.json's InternVL layout cannot express.
-_FROM_SAVED_CONFIG = ("arch", "image_token_id", "max_tiles", "thumbnail_tag", "xattn_layers")
+_FROM_SAVED_CONFIG = ("arch", "image_token_id", "max_tiles", "thumbnail_tag", "tile_tags",
+                      "xattn_layers")
 
 
 def _merge_saved_config(derived: NVLMConfig, saved: NVLMConfig) -> NVLMConfig:

@@ -108,7 +108,7 @@ def parse_data_spec(spec: str | Sequence[str]) -> list[DataSpec]:
 
 
 def check_input_file(path: str | Path, flag: str) -> Path:
-    """`path` as a Path if it is a readable regular file; else ValueError naming `flag` and why
+    """`path` as a Path if it is a readable regular file; else InputError naming `flag` and why
     ("does not exist", "is a directory", "is not a regular file (a named pipe)", ...)."""
     problem = regular_file_problem(path)
     if problem is not None:
@@ -315,7 +315,7 @@ class SampleStream:
             except (ImageError, OSError) as err:
                 self.skips.skip("unreadable image", f"{record.where}: {err}")
                 continue
-            except ValueError as err:   # the processor's refusals (a TypeError is a bug)
+            except InputError as err:   # the processor's refusals; anything else is a bug
                 self.skips.skip("bad sample", f"{record.where}: {err}")
                 continue
             self.samples_out += 1

@@ -138,7 +138,6 @@ class PackedBatch:
     pixel_values: torch.Tensor   # (N, 3, S, S) float32, the samples' tiles in order
     num_tiles: list[int]         # per image, all samples' images in order
     xattn: XAttnInputs | None = None   # NVLM-X/H: tile routing and each token's memory range
-    num_targets: int = 0         # positions with a next-token target: what the mean loss covers
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -146,6 +145,12 @@ class PackedBatch:
     @property
     def num_samples(self) -> int:
         return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_targets(self) -> int:
+        """Positions with a next-token target: what the model's mean loss covers (the trainer's
+        normaliser, counted on the host before the batch moves to the device)."""
+        return int((next_token_targets(self.labels, self.cu_seqlens) != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         return dataclasses.replace(
@@ -169,17 +174,15 @@ def pack_samples(samples: Sequence[ProcessedSample]) -> PackedBatch:
     lengths = [len(s) for s in samples]
     cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-    labels = torch.cat([s.labels for s in samples])
     return PackedBatch(
         input_ids=torch.cat([s.input_ids for s in samples]),
-        labels=labels,
+        labels=torch.cat([s.labels for s in samples]),
         position_ids=torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]),
         cu_seqlens=cu_seqlens,
         max_seqlen=max(lengths),
         pixel_values=torch.cat([s.pixel_values for s in samples]),
         num_tiles=[n for s in samples for n in s.num_tiles],
         xattn=_pack_xattn(samples, cu_seqlens) if with_xattn == {True} else None,
-        num_targets=int((next_token_targets(labels, cu_seqlens) != IGNORE_INDEX).sum()),
     )
 
 

@@ -49,7 +49,7 @@ class StageRecipe:
 
     def validate(self) -> "StageRecipe":
         """Every field in its range (a NaN or negative clip, a zero batch or an infinite learning
-        rate would train garbage without an error); ValueError naming the field otherwise."""
+        rate would train garbage without an error); InputError naming the field otherwise."""
         unknown = sorted(set(self.trained) - set(PARTS))
         if unknown or not self.trained:
             raise InputError(f"trained: expected a non-empty subset of {PARTS}, got {self.trained}")
@@ -117,9 +117,9 @@ TEXT_WARMUP = StageRecipe(("llm",), global_batch=1, lr=1e-3, min_lr=1e-4, warmup
 def recipe(arch: str, stage: str, preset: str) -> StageRecipe:
     """The paper's recipe for the big presets; scaled for `tiny` (a CPU model trained from
     scratch): 10-100x larger learning rates, short warm-up, one packed row (about 4 samples) per
-    step, many steps -- a from-scratch decoder learns to find the image tokens that hold the
-    answer after about a thousand small steps, and fewer larger ones do not get there sooner.
-    The freeze sets and optimizer settings stay the paper's."""
+    step, many steps -- small steps found the image tokens that hold the answer sooner than
+    fewer large ones (docs/results.md). The freeze sets and optimizer settings stay the paper's.
+    The warm-ups `vision` and `text` have their own recipes, for every preset."""
     if stage in ("vision", "text"):
         if arch not in ("D", "X", "H"):
             raise InputError(f"arch: expected D, X or H, got {arch!r}")

@@ -61,7 +61,11 @@ class Stage(Protocol):
     def step(self) -> StepResult: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def summary(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]: ...
+
+    # What the run's summary.json reports of the stage, from its rows of metrics.jsonl alone (so
+    # that a resumed run, which does not rebuild its finished stages, reports the same).
+    @staticmethod
+    def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]: ...
 
 
 class LanguageModelStage:
@@ -69,7 +73,7 @@ class LanguageModelStage:
 
     global_batch rows per step, split over the ranks, micro_batch rows per forward pass. The
     step's loss is the mean over all its targets on all ranks: each micro-batch's summed loss is
-    divided by that global count, summed before any backward from the counts pack_samples made.
+    divided by that global count (PackedBatch.num_targets, summed over ranks before any backward).
     """
 
     reports_lm_loss = True
@@ -125,5 +129,7 @@ class LanguageModelStage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.packer.load_state_dict(state["data"])
 
-    def summary(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return {"padding_fraction": self.packer.padding_fraction}
+    @staticmethod
+    def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The share of the stage's rows left as padding, over the whole stage."""
+        return {"padding_fraction": rows[-1]["padding"]} if rows else {}

@@ -1,6 +1,6 @@
 """The NVLM trainer: the paper's staged recipes on packed multimodal data, from a CPU to many GPUs.
 
-Single process (the default demo: synthetic task, tiny NVLM-D, CPU, about 10 minutes):
+Single process (the default demo: synthetic task, tiny NVLM-D, CPU, under 9 minutes on 2 cores):
     python nvlm/train.py
     python -m nvlm.train                                  # the same
 One stage of the paper's recipe on your data, from a public checkpoint:
@@ -16,13 +16,17 @@ run's own saved configuration is the base, and a flag that would change it is re
 
 A run is a list of stages (docs/nvlm.md section 9: pretrain trains the projector, SFT the projector and
 the LLM; the ViT stays frozen). `--stage` picks one recipe from nvlm.recipes; the default demo chains
-several (see demo_stages), starting with our `vision` warm-up for a from-scratch ViT (nvlm.demo.warmup,
-one process only). Stage flags (--steps, --lr, ...) override every stage of the run.
+several (see demo_stages), starting with our two warm-ups for a from-scratch model: `vision` for the
+ViT (one process only) and `text` for the decoder (nvlm.demo.warmup). Each stage kind is an object
+of nvlm.stages behind one interface, so one loop runs them all. Stage flags (--steps, --lr, ...)
+override every stage of the run.
 
 The run folder (--out) gets: config.json (the resolved run), metrics.jsonl (one line per step),
 checkpoints/ (atomic, the latest two kept), model/ (save_pretrained of the final model),
-loss.png, and summary.json (steps, first/final train loss, eval exact match with the images and with
-blank images, tokens/s, wall seconds). A run holds --out's lock (.lock) while it writes there.
+loss.png, and summary.json (steps, first/final train loss on the run's data, each stage's first/final
+loss, eval exact match with the images and with blank images, what each stage reports of itself
+(padding, the vision warm-up's glyph accuracy), tokens/s, wall seconds). A run holds --out's
+lock (.lock) while it writes there.
 
 Every flag is checked before anything trains (one line naming it, exit 2); a step whose loss or
 gradient is not finite stops the run (exit 1) before it can overwrite the last good checkpoint.
@@ -53,7 +57,7 @@ import torch  # noqa: E402
 from nvlm import recipes  # noqa: E402
 from nvlm.config import PRESETS, NVLMConfig  # noqa: E402
 from nvlm.data import check_input_file, load_eval_set, parse_data_spec  # noqa: E402
-from nvlm.demo.warmup import VisionWarmupStage  # noqa: E402
+from nvlm.demo.warmup import TextWarmupStage, VisionWarmupStage  # noqa: E402
 from nvlm.distributed import (World, full_model_state, full_optimizer_state, init_world,  # noqa: E402
                               load_full_state, shard_model)
 from nvlm.errors import InputError  # noqa: E402
@@ -67,7 +71,7 @@ from nvlm.tokenizer import load_tokenizer  # noqa: E402
 log = logging.getLogger("nvlm.train")
 
 # The class that runs each recipe stage (nvlm.stages): one training loop for all of them.
-STAGE_KINDS: dict[str, type] = {"vision": VisionWarmupStage, "text": LanguageModelStage,
+STAGE_KINDS: dict[str, type] = {"vision": VisionWarmupStage, "text": TextWarmupStage,
                                 "pretrain": LanguageModelStage, "sft": LanguageModelStage}
 
 CHECKPOINTS_KEPT = 2
@@ -200,7 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def build_config(args: dict[str, Any]) -> TrainConfig:
     """Defaults < the run's saved configuration (with --resume) < config file < command line;
-    then the stage list; then every value checked (ValueError naming the flag)."""
+    then the stage list; then every value checked (InputError naming the flag)."""
     values: dict[str, Any] = {}
     file_stages = None
     saved = _saved_run_config(args)
@@ -264,7 +268,7 @@ def _saved_run_config(args: dict[str, Any]) -> dict[str, Any] | None:
         return None
     try:
         saved = json.loads(path.read_text())["train"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise InputError(f"--resume: {path} is not a run configuration ({err})") from None
     return saved
 
@@ -273,6 +277,9 @@ def _check_resume_changes(saved: dict[str, Any], config: TrainConfig) -> None:
     """Refuse settings that differ from the run's own (exact continuation) unless
     --allow-config-change; then record the changes in config.resume_changes."""
     now = json.loads(json.dumps(config.to_dict()))   # tuples as the saved JSON's lists
+    # a setting an older trainer did not have ran at its default
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    saved = {**{k: v for k, v in defaults.items() if k != "stages"}, **saved}
     changes = [f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in now
                if key not in _RUN_LOCAL | {"stages"} and saved.get(key) != now[key]]
     before = [(s["name"], s["stage"]) for s in saved["stages"]]
@@ -292,7 +299,7 @@ def _check_resume_changes(saved: dict[str, Any], config: TrainConfig) -> None:
 
 def validate_config(config: TrainConfig) -> None:
     """Every run setting in its range and every path where it must be, before anything is built
-    or trained; ValueError naming the flag."""
+    or trained; InputError naming the flag."""
     for f in dataclasses.fields(TrainConfig):
         if f.name != "stages":
             _check_type(f"--{f.name.replace('_', '-')}", getattr(config, f.name), f.type)
@@ -335,6 +342,10 @@ def validate_config(config: TrainConfig) -> None:
             key, _, why = str(err).partition(": ")
             flag = f"--{key.replace('_', '-')}" if key in _STAGE_FIELDS else key
             raise InputError(f"{flag} (stage {s.name!r}): {why or err}") from None
+    names = [s.name for s in config.stages]
+    if len(set(names)) != len(names):
+        raise InputError(f"stages: every stage needs its own name (metrics and checkpoints go by "
+                         f"it), got {names}")
 
 
 _STAGE_FIELDS = {f.name for f in dataclasses.fields(StageConfig)}
@@ -366,7 +377,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             try:
                 return tomllib.load(f)
-            except tomllib.TOMLDecodeError as err:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
                 raise InputError(f"--config {path}: not valid TOML ({err})") from None
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -377,7 +388,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         with open(path) as f:
             try:
                 return yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
                 raise InputError(f"--config {path}: not valid YAML ({err})") from None
     raise InputError(f"--config: expected a .toml or .yaml file, got {str(path)!r}")
 
@@ -463,8 +474,8 @@ def check_checkpoint(path: Path, state: dict[str, Any], config: TrainConfig,
                      model_config: NVLMConfig) -> dict[str, Any]:
     """Refuse a checkpoint from another model or stage plan, saying what differs."""
     problems = []
-    if state["model_config"] != model_config.to_dict():
-        saved = NVLMConfig.from_dict(state["model_config"]).to_dict()
+    saved = NVLMConfig.from_dict(state["model_config"]).to_dict()   # older files: defaults
+    if saved != model_config.to_dict():
         diffs = [k for k in saved if saved[k] != model_config.to_dict().get(k)]
         problems.append(f"model config differs in {diffs}")
     saved_stages = [(s["name"], s["stage"]) for s in state["train_config"]["stages"]]
@@ -474,6 +485,11 @@ def check_checkpoint(path: Path, state: dict[str, Any], config: TrainConfig,
     if problems:
         raise InputError(f"--resume: {path} belongs to another run ({'; '.join(problems)}); "
                          "start a new --out or run with the same configuration")
+    if "stage" not in state:   # written before the stage objects: data position and heads apart
+        heads = state.get("heads")
+        state["stage"] = {"data": state["data"],
+                          **({"heads": heads["model"], "heads_optimizer": heads["optimizer"]}
+                             if heads else {})}
     return state
 
 
@@ -661,7 +677,6 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
 
     global_step = 0
     train_tokens, train_seconds = 0, 0.0
-    stages: list[Stage] = []
     for stage_index, (stage_config, recipe) in enumerate(zip(config.stages, stage_recipes)):
         stage_start_global = global_step
         global_step += recipe.steps
@@ -675,7 +690,6 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
             image_root=Path(config.image_root) if config.image_root else None,
             world=world, micro_batch=config.micro_batch, autocast=autocast)
         stage = STAGE_KINDS[stage_config.stage](stage_config.name, recipe, context)
-        stages.append(stage)
         step = 0
         if resumed and stage_index == resumed["position"]["stage"]:
             step = resumed["position"]["stage_step"]
@@ -741,7 +755,7 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
         final.load_state_dict(model_state)
         final.to(world.device).eval()
         final.save_pretrained(out / "model")
-        summary = summarize(config, metrics.rows, stages, final, processor, stage_recipes[-1],
+        summary = summarize(config, metrics.rows, final, processor, stage_recipes[-1],
                             world.device)
         summary["tokens_per_s"] = train_tokens / max(train_seconds, 1e-9)
         summary["wall_s"] = time.perf_counter() - wall_start
@@ -754,14 +768,15 @@ def _train(config: TrainConfig, world: World, out: Path, wall_start: float) -> d
     return summary
 
 
-def summarize(config: TrainConfig, rows: list[dict[str, Any]], stages: Sequence[Stage],
-              model: NVLM, processor: NVLMProcessor, recipe: recipes.StageRecipe,
+def summarize(config: TrainConfig, rows: list[dict[str, Any]], model: NVLM,
+              processor: NVLMProcessor, recipe: recipes.StageRecipe,
               device: torch.device) -> dict[str, Any]:
     from nvlm.evaluate import exact_match
 
-    # The language model's loss, over the stages whose loss is the language model's (the vision
-    # warm-up's OCR loss is its own: in stage_losses, and its accuracy in its summary).
-    lm_stages = {s.name for s in stages if s.reports_lm_loss}
+    # The language model's loss on the run's data: the stages whose loss is that (the warm-ups'
+    # losses are on their own tasks: in stage_losses, and what else they report in theirs).
+    kinds = {s.name: STAGE_KINDS[s.stage] for s in config.stages}
+    lm_stages = {name for name, kind in kinds.items() if kind.reports_lm_loss}
     losses = [r["loss"] for r in rows if r["stage"] in lm_stages]
     summary: dict[str, Any] = {
         "steps": len(rows),
@@ -769,6 +784,7 @@ def summarize(config: TrainConfig, rows: list[dict[str, Any]], stages: Sequence[
         # The mean of the last 10 steps: one step's loss on a small batch is noisy.
         "train_loss_final": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "eval_n": 0, "eval_exact_match": None, "eval_exact_match_blank": None,
+        "padding_fraction": 0.0,
     }
     # Per stage, in order: its first loss and the mean of its last 10 (the LM stages' losses are
     # not comparable with each other: each has its own data).
@@ -778,8 +794,8 @@ def summarize(config: TrainConfig, rows: list[dict[str, Any]], stages: Sequence[
     summary["stage_losses"] = {name: {"first": values[0],
                                       "final": sum(values[-10:]) / len(values[-10:])}
                                for name, values in stage_losses.items()}
-    for stage in stages:   # what each stage reports of itself, later stages winning
-        summary.update(stage.summary([r for r in rows if r["stage"] == stage.name]))
+    for name, kind in kinds.items():   # what each stage reports of itself, later ones winning
+        summary.update(kind.summary([r for r in rows if r["stage"] == name]))
     if config.eval_data:
         items = load_eval_set(Path(config.eval_data), config.eval_n,
                               Path(config.image_root) if config.image_root else None)

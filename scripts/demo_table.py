@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -94,8 +95,10 @@ def run_one(folder: Path, row: Row, seed: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     command = [sys.executable, str(ROOT / "nvlm" / "train.py"), "--seed", str(seed),
                "--out", str(folder), *row.flags]
-    if (folder / "config.json").is_file():   # a run killed earlier: continue it
+    if (folder / "checkpoints" / "latest").is_file():   # a run killed earlier: continue it
         command.append("--resume")
+    elif folder.exists():   # killed before its first checkpoint: start it over
+        shutil.rmtree(folder)
     start = time.perf_counter()
     with open(folder.parent / f"{folder.name}.log", "w") as log:
         done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -13,8 +13,9 @@ import pytest
 from nvlm import recipes
 from nvlm.demo import synth
 from nvlm.config import NVLMConfig
+from nvlm.model import NVLM
 from nvlm.processing import NVLMProcessor
-from nvlm.train import build_config, train
+from nvlm.train import StageConfig, TrainConfig, build_config, train, validate_config
 
 
 def test_recall_documents_hide_one_code_and_grow():
@@ -73,11 +74,18 @@ def test_demo_stages_run_in_order_and_resume_across_the_text_warmup(tmp_path):
     assert [r["stage"] for r in rows] == ["vision"] * 2 + ["text"] * 2 + ["pretrain"] * 2 + ["sft"] * 2
     assert all(r["tokens"] > 0 and r["loss"] > 0 for r in rows)
 
+    # the run's train_loss is on its own data: the warm-ups' losses are apart, in stage_losses
+    assert summary["train_loss_first"] == summary["stage_losses"]["pretrain"]["first"]
+    assert 0.0 <= summary["vision_glyph_accuracy"] <= 1.0
+
     killed = tmp_path / "killed"
     train(build_config(args(killed, stop_at_step=3)))          # in the middle of the text stage
-    train(build_config(args(killed, resume=True)))
+    again = train(build_config(args(killed, resume=True)))
     resumed = [json.loads(line)["loss"] for line in open(killed / "metrics.jsonl")]
     assert resumed == [r["loss"] for r in rows]
+    for key in ("train_loss_first", "train_loss_final", "stage_losses", "vision_glyph_accuracy",
+                "padding_fraction", "eval_exact_match", "eval_exact_match_blank"):
+        assert again[key] == summary[key], key
 
 
 def test_no_tile_tags_leaves_the_tags_out_for_nvlm_d_only():
@@ -97,3 +105,18 @@ def test_no_tile_tags_leaves_the_tags_out_for_nvlm_d_only():
             other.validate()
     with pytest.raises(ValueError, match="--no-tile-tags"):
         build_config({"arch": "X", "no_tile_tags": True})
+
+
+def test_a_model_without_tile_tags_reloads_without_them(tmp_path):
+    config = NVLMConfig.from_preset("tiny")
+    config.tile_tags = False
+    NVLM(config.validate()).save_pretrained(tmp_path / "model")
+    assert NVLM.from_pretrained(tmp_path / "model").config.tile_tags is False
+
+
+def test_stage_names_must_differ():
+    # metrics rows, stage_losses and checkpoints go by the stage's name
+    config = TrainConfig(stages=[StageConfig(name="s", stage="pretrain"),
+                                 StageConfig(name="s", stage="sft")])
+    with pytest.raises(ValueError, match="its own name"):
+        validate_config(config)

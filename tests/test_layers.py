@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nvlm
+
 REPO = Path(__file__).resolve().parent.parent
 
 # nvlm's modules from the bottom up; a module may import its own layer or any lower one.
@@ -47,6 +49,8 @@ def imports(package: str) -> dict[str, set[str]]:
                     found.add(target)
                 # `from . import x` / `from pkg import module` name modules too
                 found |= {f"{target}.{a.name}" for a in node.names}
+                if target == "nvlm":   # the package's lazy public names load their modules
+                    found |= {nvlm._PUBLIC[a.name] for a in node.names if a.name in nvlm._PUBLIC}
         known = {m for m in found if (REPO / Path(*m.split("."))).with_suffix(".py").is_file()
                  or (REPO / Path(*m.split(".")) / "__init__.py").is_file()}
         edges[module] = {m for m in known if m != module}

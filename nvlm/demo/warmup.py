@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..images import dynamic_tiles, image_to_tensor, load_image, tile_boxes
 from ..packing import IGNORE_INDEX
 from ..recipes import StageRecipe, build_optimizer
-from ..stages import StageContext, StepResult
+from ..stages import LanguageModelStage, StageContext, StepResult
 
 MAX_ORDINAL = 15
 NO_LABEL = 0          # class 0 of both heads: no glyph centre in this cell
@@ -247,9 +247,17 @@ class VisionWarmupStage:
         self.heads.load_state_dict(state["heads"])
         self.optimizers[0].load_state_dict(state["heads_optimizer"])
 
-    def summary(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    @staticmethod
+    def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Share of glyph tokens whose ordinal and character both came out right, last 10
         steps with glyphs."""
         accuracy = [r["glyph_accuracy"] for r in rows if r.get("glyph_accuracy") is not None]
         return {"vision_glyph_accuracy": sum(accuracy[-10:]) / len(accuracy[-10:])
                 if accuracy else None}
+
+
+class TextWarmupStage(LanguageModelStage):
+    """The `text` stage: a language-model stage on the recall documents (nvlm.demo.synth). Its
+    loss is on its own task, so the run's train_loss leaves it out (stage_losses has it)."""
+
+    reports_lm_loss = False
