@@ -1,4 +1,4 @@
-"""A loss-curve PNG drawn with Pillow (no plotting library needed for one line chart)."""
+"""Loss-curve PNGs drawn with Pillow (no plotting library needed for line charts)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,37 @@ from PIL import Image, ImageDraw
 
 from .files import atomic_file
 
-_STAGE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+Series = tuple[str, Sequence[tuple[float, float]]]   # legend label, (step, loss) points
 
 
 def plot_loss(rows: Sequence[dict[str, Any]], path: Path, width: int = 900,
               height: int = 500) -> None:
-    """Training loss per step (log scale), one colour per stage, stage names in the legend."""
+    """A run's training loss per step (log scale), one colour per stage."""
+    stages: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        stages.setdefault(r.get("stage", ""), []).append((r["step"], r.get("loss")))
+    plot_series(list(stages.items()), path, "training loss", width, height)
+
+
+def plot_series(series: Sequence[Series], path: Path, title: str, width: int = 900,
+                height: int = 500) -> None:
+    """Several loss curves on one log-scale chart, one colour per series, labels in the legend.
+    Points without a positive finite loss are left out."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    points = [(r["step"], r["loss"], r.get("stage", "")) for r in rows
-              if r.get("loss") is not None and r["loss"] > 0]
+    curves = [(label, [(s, math.log10(v)) for s, v in points
+                       if v is not None and v > 0 and math.isfinite(v)])
+              for label, points in series]
     left, top, right, bottom = 70, 30, width - 20, height - 50
     draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 8), "training loss", fill="black")
-    if points:
-        steps = [p[0] for p in points]
-        logs = [math.log10(p[1]) for p in points]
+    draw.text((left, 8), title, fill="black")
+    everything = [p for _, points in curves for p in points]
+    if everything:
+        steps = [s for s, _ in everything]
+        logs = [v for _, v in everything]
         x0, x1 = min(steps), max(max(steps), min(steps) + 1)
         y0, y1 = min(logs), max(max(logs), min(logs) + 1e-3)
 
@@ -43,14 +58,13 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: Path, width: int = 900,
             draw.line([x, bottom, x, bottom + 4], fill="black")
             draw.text((x - 10, bottom + 8), f"{step:.0f}", fill="black")
         draw.text(((left + right) / 2 - 15, height - 22), "step", fill="black")
-        stages = list(dict.fromkeys(p[2] for p in points))
-        for i, stage in enumerate(stages):
-            colour = _STAGE_COLOURS[i % len(_STAGE_COLOURS)]
-            line = [xy(s, v) for (s, _, name), v in zip(points, logs) if name == stage]
+        for i, (label, points) in enumerate(curves):
+            colour = _COLOURS[i % len(_COLOURS)]
+            line = [xy(s, v) for s, v in points]
             if len(line) > 1:
                 draw.line(line, fill=colour, width=2)
             elif line:
                 draw.point(line, fill=colour)
-            draw.text((right - 150, top + 8 + 14 * i), f"- {stage}", fill=colour)
+            draw.text((right - 260, top + 8 + 14 * i), f"- {label}", fill=colour)
     with atomic_file(Path(path)) as tmp:
         image.save(tmp, format="PNG")

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nvlm.plot import plot_series  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,15 @@ def run_one(folder: Path, row: Row, seed: int) -> dict:
     return read_summary(folder)
 
 
+def sft_curve(folder: Path, every: int = 25) -> list[tuple[float, float]]:
+    """The SFT stage's loss, averaged over every `every` steps (one step's loss is noisy)."""
+    with open(folder / "metrics.jsonl") as f:
+        rows = [r for r in map(json.loads, f) if r["stage"] == "sft"]
+    first = rows[0]["step"] - 1 if rows else 0
+    return [(rows[i]["step"] - first, sum(r["loss"] for r in rows[i:i + every])
+             / len(rows[i:i + every])) for i in range(0, len(rows), every)]
+
+
 def _minutes(seconds: float | None) -> str:
     return "" if seconds is None else f"{int(seconds // 60)} m {int(seconds % 60):02d} s"
 
@@ -161,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the runs (default runs/demo-seeds or runs/ablations)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw every run's SFT loss into this PNG (default: OUT/sft-loss.png)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: expected >= 1, got {args.jobs}")
@@ -174,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             jobs))
     results = [(row, seed, s) for (_, row, seed), s in zip(jobs, summaries)]
     print(table(results, show_rows=args.ablations))
+    curves = [(f"{row.name}, seed {seed}" if args.ablations else f"seed {seed}",
+               sft_curve(run_folder(out, i, seed, args.ablations)))
+              for (i, row, seed), s in zip(jobs, summaries) if "error" not in s]
+    plot = args.plot or out / "sft-loss.png"
+    plot_series(curves, plot, "SFT loss (mean of 25 steps)")
+    print(f"\nSFT loss curves: {plot}")
     print(f"\n{provenance()}")
     return 0 if all("error" not in s for _, _, s in results) else 1
 

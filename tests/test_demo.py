@@ -120,3 +120,16 @@ def test_stage_names_must_differ():
                                  StageConfig(name="s", stage="sft")])
     with pytest.raises(ValueError, match="its own name"):
         validate_config(config)
+
+
+def test_plot_series_draws_each_curve_in_its_colour(tmp_path):
+    from PIL import Image
+
+    from nvlm.plot import _COLOURS, plot_series
+
+    path = tmp_path / "curves.png"
+    plot_series([("a", [(1, 2.0), (50, 0.5), (100, 0.01)]), ("b", [(1, 1.5), (100, 0.2)]),
+                 ("empty", [(1, 0.0), (2, float("nan"))])], path, "loss")
+    image = Image.open(path).convert("RGB")
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20)}
+    assert image.size == (900, 500) and _COLOURS[0] in colours and _COLOURS[1] in colours
