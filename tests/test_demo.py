@@ -110,7 +110,9 @@ def test_no_tile_tags_leaves_the_tags_out_for_nvlm_d_only():
 def test_a_model_without_tile_tags_reloads_without_them(tmp_path):
     config = NVLMConfig.from_preset("tiny")
     config.tile_tags = False
-    NVLM(config.validate()).save_pretrained(tmp_path / "model")
+    model = NVLM(config.validate())
+    model.init_weights()   # a fresh module's storage is uninitialised: the loader checks finiteness
+    model.save_pretrained(tmp_path / "model")
     assert NVLM.from_pretrained(tmp_path / "model").config.tile_tags is False
 
 
