@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 from .files import atomic_file
 
 _COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+            (0, 0, 0), (255, 187, 120)]
 
 Series = tuple[str, Sequence[tuple[float, float]]]   # legend label, (step, loss) points
 
