@@ -103,11 +103,11 @@ class LanguageModelStage:
         mine = rows[world.rank::world.size]
         batches = [pack_samples([s for row in mine[i:i + ctx.micro_batch] for s in row])
                    for i in range(0, len(mine), ctx.micro_batch)]
-        total_count, tokens = world.sum([sum(b.num_targets for b in batches),
+        counts = [b.num_targets for b in batches]   # counted once, on the host
+        total_count, tokens = world.sum([sum(counts),
                                          sum(len(b) for b in batches)])
         loss_sum = 0.0
-        for batch in batches:
-            count = batch.num_targets
+        for batch, count in zip(batches, counts):
             batch = batch.to(world.device)
             with ctx.autocast:
                 output = ctx.model(batch.input_ids, batch.pixel_values, batch.labels,
