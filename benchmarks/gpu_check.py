@@ -409,7 +409,7 @@ def run_parts(ctx: Context, count: int) -> None:
 
 def correct_parts(ctx: Context) -> list[tuple]:
     """(dtype, op) in order of value: bf16 before fp16, attention before the memory-bound ops."""
-    from nvlm_kernels._backends import OPS  # noqa: PLC0415
+    from nvlm_kernels._implementation import OPS  # noqa: PLC0415
     from nvlm_kernels.testing import ATTENTION_OPS  # noqa: PLC0415
 
     torch = ctx.torch
@@ -632,7 +632,7 @@ def stage_speed_memory(ctx: Context) -> None:
 
 
 def stage_native(ctx: Context) -> None:
-    from nvlm_kernels._backends import OPS  # noqa: PLC0415
+    from nvlm_kernels._implementation import OPS  # noqa: PLC0415
     from nvlm_kernels.testing import (backend_unavailable_reason,  # noqa: PLC0415
                                       compare_with_reference)
 

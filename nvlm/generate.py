@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .llm import KVCache
-from .packing import PackedLayout, XAttnInputs, pack_samples, sample_positions
+from .packing import PackedLayout, XAttnInputs, pack_samples, sample_positions, token_packer
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -93,13 +93,8 @@ def generate(model, prompts: Sequence[torch.Tensor], pixel_values: torch.Tensor 
     prefill_hooks = step_hooks = None
     if model.has_xattn:
         memory = model.memory_cache(memory_MD)
-        if xattn is None:
-            kv_start = kv_end = torch.zeros_like(ids_T, dtype=torch.int32)
-        else:
-            kv_start, kv_end = xattn.kv_start.to(device), xattn.kv_end.to(device)
-            if kv_start.shape != ids_T.shape:
-                raise InputError(f"xattn.kv_start: expected one range per prompt token "
-                                 f"({ids_T.numel()}), got shape {tuple(kv_start.shape)}")
+        # one range per prompt token, in the prompts' order (the packed order here)
+        kv_start, kv_end = model.xattn_ranges(xattn, ids_T, token_packer(ids_T))
         prefill_hooks = model.xattn_hooks(memory, kv_start, kv_end)
         step_hooks = model.xattn_hooks(memory, kv_start[last], kv_end[last])
     h_BD = model.language_model(model.embed(ids_T, decoder_MD), layout, cache,

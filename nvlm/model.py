@@ -41,7 +41,7 @@ from .config import NVLMConfig
 from .errors import InputError
 from .layers import init_linear, nvtx_range
 from .llm import Qwen2ForCausalLM
-from .packing import (IGNORE_INDEX, PackedLayout, XAttnInputs, next_token_targets,
+from .packing import (IGNORE_INDEX, PackedLayout, XAttnInputs, next_token_targets, token_packer,
                       sample_positions)
 from .vision import InternVisionModel
 from .xattn import XAttnBlock
@@ -219,6 +219,17 @@ class NVLM(nn.Module):
                                           else memory[int(i)], kv_start=kv_start, kv_end=kv_end)
                 for i, block in self.xattn.items()}
 
+    def xattn_ranges(self, xattn: XAttnInputs | None, ids_T: torch.Tensor,
+                     pack: Callable[[torch.Tensor, str], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each packed token's X-attn key range [kv_start, kv_end) (NVLM-X/H): xattn's, put in the
+        packed order by `pack` (token_packer), or empty for every token without xattn (text alone
+        sees no memory)."""
+        if xattn is None:
+            empty = torch.zeros_like(ids_T, dtype=torch.int32)
+            return empty, empty
+        return pack(xattn.kv_start, "xattn.kv_start"), pack(xattn.kv_end, "xattn.kv_end")
+
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -230,23 +241,12 @@ class NVLM(nn.Module):
         (text alone needs none: no token then sees any memory)."""
         ids_T, layout, scatter_back = _packed_layout(input_ids, attention_mask, cu_seqlens,
                                                      position_ids, max_seqlen)
-
-        def packed(t: torch.Tensor, name: str) -> torch.Tensor:
-            if t.shape != input_ids.shape:
-                raise InputError(f"{name}: expected input_ids' shape {tuple(input_ids.shape)}, "
-                                 f"got {tuple(t.shape)}")
-            return t.reshape(-1) if scatter_back is None else t[scatter_back]
-
+        packed = token_packer(input_ids, scatter_back)
         decoder_MD, memory_MD = self.image_rows(pixel_values, xattn)
         h_TD = self.embed(ids_T, decoder_MD)
         hooks = None
         if self.has_xattn:
-            if xattn is None:
-                kv_start = kv_end = torch.zeros_like(ids_T, dtype=torch.int32)
-            else:
-                kv_start = packed(xattn.kv_start, "xattn.kv_start")
-                kv_end = packed(xattn.kv_end, "xattn.kv_end")
-            hooks = self.xattn_hooks(memory_MD, kv_start, kv_end)
+            hooks = self.xattn_hooks(memory_MD, *self.xattn_ranges(xattn, ids_T, packed))
         targets_T = has_target = target_rows = None
         count = 0
         if labels is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,21 @@ def next_token_targets(labels_T: torch.Tensor, cu_seqlens: torch.Tensor) -> torc
     last = (cu_seqlens[1:] - 1)[lengths > 0].long()
     targets_T[last] = IGNORE_INDEX
     return targets_T
+
+
+def token_packer(input_ids: torch.Tensor, scatter_back: torch.Tensor | None = None
+                 ) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """pack(t, name): a per-token tensor of input_ids' shape (labels, X-attn ranges) in input_ids'
+    packed order, on its device: flattened, or only the positions `scatter_back` keeps (the mask
+    of the non-padding positions of (B, L) rows). Another shape is refused, naming `name`."""
+    def pack(t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.shape != input_ids.shape:
+            raise InputError(f"{name}: expected input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(t.shape)}")
+        t = t.to(input_ids.device)
+        return t.reshape(-1) if scatter_back is None else t[scatter_back]
+
+    return pack
 
 
 @dataclass

@@ -21,11 +21,9 @@ from typing import Callable, Iterator
 import torch
 
 from . import reference
-from ._implementation import Implementation
+from ._implementation import OPS, Implementation
 
 BACKEND_NAMES = ("torch", "triton", "native")
-OPS = ("pixel_shuffle", "pixel_shuffle_layernorm", "multimodal_embed", "varlen_attention",
-       "cross_attention")
 
 
 @dataclass(frozen=True)

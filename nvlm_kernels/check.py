@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from ._backends import OPS, available_backends, triton_interpreter_enabled
+from ._backends import available_backends, triton_interpreter_enabled
+from ._implementation import OPS
 from .testing import backend_unavailable_reason, compare_with_reference, sample_inputs
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,8 +1,8 @@
 """Static GPU checks that need no GPU (docs/design.md, "Static GPU checks").
 
-Triton: every shipped kernel x config x key specialization (its `KernelSpec`, registered by the op
-modules in nvlm_kernels/ops) is compiled ahead of time for sm_80 and sm_90; the cubin's resource
-usage is read back with the cuobjdump bundled in the triton wheel. A kernel passes when it
+Triton: every shipped kernel x config x key specialization (its `KernelSpec`, built on demand by
+nvlm_kernels/compile_specs, one module per op) is compiled ahead of time for sm_80 and sm_90; the
+cubin's resource usage is read back with the cuobjdump bundled in the triton wheel. A kernel passes when it
 compiles, spills nothing to local memory (or no more than its spec's measured, commented
 allowance), fits the card's shared memory, and, where the spec says so, its dots use wgmma on sm_90.
 
@@ -28,50 +28,13 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ._toolchain import cutlass_include_dir, find_nvcc
+from .compile_specs.spec import ARCHS, KernelSpec
 
-ARCHS = (80, 90)
 # Opt-in dynamic shared memory per block: A100 163 KB, H100/H200 227 KB.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-# Query heads per KV head in the models' decoders and X-attn layers (Qwen2-0.5B 14/2 = 7,
-# NVLM-D-72B 64/8 = 8, ...).
-GQA_GROUPS = (2, 4, 7, 8)
-
-
-def gqa_groups(arch: str, width: str, index: int, padded: int) -> tuple[int, ...]:
-    """The GROUP values to compile for one attention config: 1 always, and GQA_GROUPS for the
-    shipped (first) sm_90 16-bit configs at head dims 64 and 128. GROUP changes only a head
-    loop's trip count and a division, so the shipped tiles of the one arch that runs these
-    models prove that the specializations build, without multiplying the gate's compiles."""
-    if arch == "sm90" and width == "16bit" and index == 0 and padded in (64, 128):
-        return (1,) + GQA_GROUPS
-    return (1,)
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One compiled variant of a Triton kernel, as it ships (one autotune config, one key)."""
-
-    name: str                    # unique, e.g. "varlen_attention_fwd[d=128,causal,bf16,cfg0]"
-    kernel: Any                  # the @triton.jit function
-    signature: dict[str, str]    # every argument: "*bf16", "i32", "fp32", ... or "constexpr"
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 2
-    archs: tuple[int, ...] = ARCHS
-    expects_wgmma: bool = False  # attention dots must lower to wgmma on sm_90, every one
-    # dots that may stay mma.sync on sm_90 (M < 64 per warpgroup); nonzero only with a comment
-    allowed_non_wgmma_dots: int = 0
-    allowed_spill_bytes: int = 0  # nonzero only with a comment at the spec giving the measurement
-    # Arguments that the launch specializes as multiples of 16 in the common case (16-byte
-    # aligned pointers, sizes such as C = 3200): compiled with that hint, as triton's JIT would.
-    divisible_by_16: tuple[str, ...] = ()
-    expects_16_byte_access: bool = False  # global loads and stores must be 128-bit vectors
 
 
 @dataclass
@@ -233,9 +196,9 @@ def _demangle(symbols: list[str]) -> list[str]:
 
 
 def shipped_specs() -> list[KernelSpec]:
-    from .ops import compile_specs  # noqa: PLC0415
+    from .compile_specs import shipped_specs as build  # noqa: PLC0415  (imports triton)
 
-    return compile_specs()
+    return build()
 
 
 def probe_specs() -> list[KernelSpec]:

@@ -13,6 +13,7 @@ import pytest
 
 from nvlm_kernels import compile_gate
 from nvlm_kernels.compile_gate import Report
+from nvlm_kernels.compile_specs.spec import GQA_GROUPS, signature
 
 
 
@@ -69,11 +70,31 @@ def test_gqa_specializations_are_compiled(triton_reports):
     compiled for the GQA group sizes on sm_90, with every dot on wgmma."""
     compiled = {r["name"]: r for r in triton_reports if r["arch"] == 90}
     for op in ("varlen_attention", "cross_attention"):
-        for group in compile_gate.GQA_GROUPS:
+        for group in GQA_GROUPS:
             names = [n for n in compiled if n.startswith(op) and n.endswith(f",gqa{group}]")]
             kinds = {n.split("[")[0].rsplit("_", 1)[-1] for n in names}
             assert {"fwd", "dkdv", "dq"} <= kinds, (op, group, names)
             assert all(compiled[n]["ok"] and compiled[n]["non_wgmma_dots"] == 0 for n in names)
+
+
+def test_signatures_are_read_from_the_kernel():
+    """Argument names and order come from the kernel (the interpreter's function here, triton's
+    JITFunction.params in the gate's process); a spec names only the exceptions to "tensor
+    pointer or i32", and an exception that names no runtime parameter is refused."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, lse_ptr, n, scale, BLOCK: tl.constexpr):
+        pass
+
+    assert list(signature(kernel, "bf16", lse_ptr="*fp32", scale="fp32").items()) == [
+        ("x_ptr", "*bf16"), ("lse_ptr", "*fp32"), ("n", "i32"), ("scale", "fp32"),
+        ("BLOCK", "constexpr")]
+    with pytest.raises(ValueError, match="renamed_ptr"):
+        signature(kernel, "bf16", renamed_ptr="*fp32")
+    with pytest.raises(ValueError, match="BLOCK"):
+        signature(kernel, "bf16", BLOCK="i32")
 
 
 @pytest.mark.parametrize("report,problem", [

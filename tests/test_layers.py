@@ -63,6 +63,15 @@ def test_kernels_never_import_nvlm():
     assert not bad
 
 
+def test_kernels_do_not_import_the_compile_gate():
+    """The gate and its specs are a development tool that reads the kernels; the library never
+    imports them (python -m nvlm_kernels.compile_gate builds the specs on demand)."""
+    tool = ("nvlm_kernels.compile_gate", "nvlm_kernels.compile_specs")
+    bad = {(m, t) for m, targets in imports("nvlm_kernels").items() if not m.startswith(tool)
+           for t in targets if t.startswith(tool)}
+    assert not bad
+
+
 def test_nvlm_imports_follow_the_layers():
     rank = {name: i for i, layer in enumerate(NVLM_LAYERS) for name in layer}
     edges = imports("nvlm")

@@ -119,9 +119,9 @@ def test_tuned_launches_match_the_reference(monkeypatch, device, op):
 
 
 def test_every_alternative_is_a_compile_gate_spec():
-    from nvlm_kernels.ops import cross_attention, varlen_attention
+    from nvlm_kernels.compile_specs import shipped_specs
 
-    names = {spec.name for spec in varlen_attention.COMPILE_SPECS + cross_attention.COMPILE_SPECS}
+    names = {spec.name for spec in shipped_specs()}
     alternatives = [(key, index) for key, index, _config in shipped_configs() if index]
     assert len(alternatives) == sum(len(options) for options in ALTERNATIVES.values())
     for (arch, kind, padded, width), index in alternatives:

@@ -346,20 +346,6 @@ ALTERNATIVES = {
 }
 
 
-def narrow_dots(arch: str, kind: str, block_m: int, width: str, atomic_dq: bool = False) -> int:
-    """How many of a program's dots stay mma.sync on sm_90, the compile gate's allowance. wgmma
-    needs M >= 64 rows per warpgroup; the dK/dV pass computes S = Q K^T and dP = dO V^T (and,
-    with atomic dQ, dS K) with M = BLOCK_M rows, so BLOCK_M = 32 (the shipped d = 256 tile and the
-    BLOCK_M = 32 tuner candidates) leaves those 2 (3) of its 4 (5) dots on mma.sync, as the gate
-    measured on triton 3.9 (2026-11-28). Computing the transposed products (S^T = K Q^T) would
-    put BLOCK_N rows on M instead."""
-    if arch != "sm90" or width != "16bit" or block_m >= 64:
-        return 0
-    if kind == "bwd_dkdv_kq":   # keys on M everywhere but atomic dQ's dS K
-        return 1 if atomic_dq else 0
-    return (3 if atomic_dq else 2) if kind == "bwd_dkdv" else 0
-
-
 def shipped_configs() -> Iterator[tuple[tuple[str, str, int, str], int, tuple[int, int, int, int]]]:
     """(key, index, config) of every configuration a launch can use: index 0 is the table's,
     1... its alternatives. The compile gate builds each."""
@@ -407,37 +393,9 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def delta_spec_signature() -> dict[str, str]:
-    """The compile-gate signature of delta_kernel (bf16 tensors)."""
-    return {"out_ptr": "*bf16", "grad_out_ptr": "*bf16", "delta_ptr": "*fp32",
-            "ungated_ptr": "*bf16", "gate_grad_ptr": "*fp32",
-            **{s: "i32" for s in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
-                                  "stride_ut", "stride_uh", "total_q", "head_dim")},
-            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "GATE_GRAD": "constexpr"}
-
-
 def check_grid(op: str, **axes: int) -> None:
     """The launch grid's axes 1 and 2 (sequences, heads) are limited to 65535 programs by CUDA."""
     too_large = {name: size for name, size in axes.items() if size > 65535}
     if too_large:
         raise ValueError(f"the triton {op} launches one program per {' x '.join(axes)} on grid "
                          f"axes limited to 65535; got {too_large}")
-
-
-# Spill allowances the compile gate grants both attention ops (their dK/dV pass is this core's):
-# - 16-bit GQA (GROUP > 1, first compiled 2026-11-28): the sm_90 d = 128 dK/dV program, whose
-#   head loop carries the group's accumulators, reaches 255 registers and spills 64 bytes on
-#   triton 3.9 (GROUP = 1: 251-254, none). The 72B decoder (GQA 8) runs it.
-# - fp32 (IEEE dots, the exact path for fp32 inputs): the dots lower to FMA loops that spill up
-#   to ~10 KB per thread. fp32 attention is for correctness checks, not speed.
-CORE_SPILLS_16BIT: dict[tuple, int] = {("sm90", "bwd_dkdv", 128, "gqa"): 64}
-SPILLS_FP32 = 10 * 1024 + 512
-
-
-def allowed_spills(measured_16bit: dict[tuple, int], arch: str, kernel: str, padded: int,
-                   dtype: str, group: int = 1) -> int:
-    """The spill bytes the gate allows one program: fp32's, else the measured 16-bit entry for
-    (arch, kernel, padded head dim[, "gqa" when GROUP > 1]), else none."""
-    if dtype == "fp32":
-        return SPILLS_FP32
-    return measured_16bit.get((arch, kernel, padded) + (("gqa",) if group > 1 else ()), 0)

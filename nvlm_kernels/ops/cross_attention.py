@@ -42,12 +42,10 @@ import triton.language as tl
 from .._memory import new_output
 from ..reference import softmax_scale_or_default
 from .._registration import register_cross_attention
-from ..compile_gate import KernelSpec, gqa_groups
-from ._attention_core import (CORE_SPILLS_16BIT, DELTA_ROWS, LOG2E, allowed_spills, attend,
-                              check_grid, delta_kernel, dkdv_step,
+from ._attention_core import (DELTA_ROWS, LOG2E, attend, check_grid, delta_kernel, dkdv_step,
                               dq_block, head_dim_padded, launch_tuned, load_query_block,
-                              load_rows, loop_bounds, narrow_dots, shipped_configs,
-                              store_rows, unit_last_stride, visible_keys)
+                              load_rows, loop_bounds, store_rows, unit_last_stride,
+                              visible_keys)
 
 
 @triton.jit
@@ -308,74 +306,3 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start:
     out, _lse, _ungated = _cross_attention_op(q, k, v, kv_start, kv_end, factor, scale,
                                               save_ungated)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# compile gate: every shipped config x head dim x dtype, gated (the superset of the ungated
-# programs: a load and a multiply more), for the arch it is meant for
-
-# Spills: none in the 16-bit programs on triton 3.9 (2026-11-27), the gate's version. On triton
-# 3.6 (the GPU environment; recorded, not allowances) the sm_90 d = 128 and sm_80 d = 64 dK/dV
-# spill 8 bytes. GQA and fp32: the attention core's allowances (_attention_core).
-_MEASURED_SPILLS_16BIT: dict[tuple, int] = dict(CORE_SPILLS_16BIT)
-
-
-
-_STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
-
-
-def _specs() -> list[KernelSpec]:
-    specs = []
-    for (arch, kind, padded, width), index, config in shipped_configs():
-        if kind == "bwd_dkdv_kq":
-            continue  # the keys-on-M dK/dV is varlen attention's candidate only, so far
-        block_m, block_n, warps, stages = config
-        alt = f",alt{index}" if index else ""
-        if width == "fp32" and padded < 64:
-            continue  # the d = 16/32 fp32 entries repeat the d = 64 one
-        dtype = "bf16" if width == "16bit" else "fp32"  # fp16 lowers like bf16
-        pointer = f"*{dtype}"
-        arch_number = 90 if arch == "sm90" else 80
-        for group in gqa_groups(arch, width, index, padded):
-            gqa = f",gqa{group}" if group > 1 else ""
-            constexprs = {"GROUP": group, "GATED": True, "HEAD_DIM": padded, "BLOCK_M": block_m,
-                          "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
-            flags = {c: "constexpr" for c in constexprs}
-            common = dict(num_warps=warps, num_stages=stages, archs=(arch_number,),
-                          expects_wgmma=dtype != "fp32")
-            name = f"cross_attention_{{}}[{arch},d={padded},{dtype}{alt}{gqa}]"
-            ranges = {"start_ptr": "*i32", "end_ptr": "*i32", "gate_ptr": "*fp32"}
-            if kind == "fwd":
-                signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, **ranges,
-                             "out_ptr": pointer, "ungated_ptr": pointer, "lse_ptr": "*fp32",
-                             **{s: "i32" for s in _STRIDES + (
-                                 "stride_ot", "stride_oh", "stride_ut", "stride_uh", "total_q",
-                                 "total_kv", "head_dim")},
-                             "qk_scale_log2": "fp32", "SAVE_UNGATED": "constexpr", **flags}
-                specs.append(KernelSpec(
-                    name.format("fwd"), _cross_fwd_kernel, signature,
-                    {**constexprs, "SAVE_UNGATED": True},
-                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, "fwd", padded, dtype, group),
-                    divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "ungated_ptr",
-                                     *_STRIDES, "stride_ot", "stride_oh", "stride_ut", "stride_uh",
-                                     "head_dim"), **common))
-                continue
-            base = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "grad_out_ptr": pointer,
-                    "lse_ptr": "*fp32", "delta_ptr": "*fp32", **ranges}
-            tail = {**{s: "i32" for s in _STRIDES + ("stride_dot", "stride_doh", "total_q",
-                                                     "total_kv", "head_dim")},
-                    "qk_scale_log2": "fp32", "softmax_scale": "fp32", **flags}
-            aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", *_STRIDES, "stride_dot",
-                       "stride_doh", "head_dim")
-            kernel, extra = ((_cross_bwd_dkdv_kernel, {"first_ptr": "*i32", "last_ptr": "*i32",
-                                                        "dk_ptr": pointer, "dv_ptr": pointer})
-                             if kind == "bwd_dkdv" else (_cross_bwd_dq_kernel, {"dq_ptr": pointer}))
-            specs.append(KernelSpec(
-                name.format(kind), kernel, {**base, **extra, **tail}, constexprs,
-                allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, kind, padded, dtype, group),
-                allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width),
-                divisible_by_16=aligned + tuple(n for n in extra if n.startswith("d")), **common))
-    return specs
-
-
-COMPILE_SPECS = _specs()

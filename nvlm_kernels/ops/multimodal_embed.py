@@ -21,7 +21,6 @@ import triton.language as tl
 
 from .._memory import new_output
 from .._registration import register_multimodal_embed
-from ..compile_gate import KernelSpec
 
 # Columns per program: 1024 bf16 = 2 KB rows chunks; D = 8192 gives 8 programs per token.
 _MAX_BLOCK_D = 1024
@@ -146,30 +145,3 @@ def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
                      image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """The triton backend of nvlm_kernels.multimodal_embed (inputs already validated)."""
     return _multimodal_embed_op(input_ids, embed_weight, image_embeds, image_token_id)
-
-
-def _specs(dtype: str) -> list[KernelSpec]:
-    block = {"BLOCK_D": _MAX_BLOCK_D}
-    return [
-        KernelSpec(f"multimodal_embed_fwd[{dtype}]", _multimodal_embed_fwd_kernel,
-                   {"ids_ptr": "*i64", "image_index_ptr": "*i32", "table_ptr": f"*{dtype}",
-                    "images_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "table_row_stride": "i64",
-                    "images_row_stride": "i64", "vocab": "i64", "num_images": "i64", "dim": "i32",
-                    "image_token_id": "i64", "BLOCK_D": "constexpr"}, block,
-                   divisible_by_16=("table_ptr", "images_ptr", "out_ptr", "table_row_stride",
-                                    "images_row_stride", "dim"), expects_16_byte_access=True),
-        KernelSpec(f"multimodal_embed_image_grad[{dtype}]", _image_grad_kernel,
-                   {"grad_ptr": f"*{dtype}", "positions_ptr": "*i64",
-                    "grad_images_ptr": f"*{dtype}", "dim": "i32", "BLOCK_D": "constexpr"}, block,
-                   divisible_by_16=("grad_ptr", "grad_images_ptr", "dim"),
-                   expects_16_byte_access=True),
-        KernelSpec(f"multimodal_embed_table_grad[{dtype}]", _table_grad_kernel,
-                   {"grad_ptr": f"*{dtype}", "sorted_keys_ptr": "*i64", "order_ptr": "*i64",
-                    "grad_table_ptr": f"*{dtype}", "num_tokens": "i64", "vocab": "i64",
-                    "dim": "i32", "BLOCK_D": "constexpr"}, block,
-                   divisible_by_16=("grad_ptr", "grad_table_ptr", "dim"),
-                   expects_16_byte_access=True),
-    ]
-
-
-COMPILE_SPECS = [spec for dtype in ("bf16", "fp16", "fp32") for spec in _specs(dtype)]

@@ -15,7 +15,6 @@ import triton.language as tl
 
 from .._memory import new_output
 from .._registration import register_pixel_shuffle
-from ..compile_gate import KernelSpec
 
 # Channels per program: 1024 bf16 = 2 KB per program, enough in flight per SM to saturate HBM
 # on a pure copy while keeping C = 3200 at 4 blocks (the last 1/8 masked).
@@ -92,17 +91,3 @@ def pixel_shuffle(x: torch.Tensor, scale: int = 2,
     """The triton backend of nvlm_kernels.pixel_shuffle (inputs already validated)."""
     grid_h, grid_w = grid
     return _pixel_shuffle_op(x, scale, grid_h, grid_w)
-
-
-def _spec(dtype: str, inverse: bool) -> KernelSpec:
-    return KernelSpec(
-        f"pixel_shuffle[{dtype},{'bwd' if inverse else 'fwd'}]", _pixel_shuffle_kernel,
-        {"src_ptr": f"*{dtype}", "dst_ptr": f"*{dtype}", "grid_h": "i32", "grid_w": "i32",
-         "out_w": "i32", "out_tokens": "i32", "channels": "i32", "SCALE": "constexpr",
-         "BLOCK_C": "constexpr", "INVERSE": "constexpr"},
-        {"SCALE": 2, "BLOCK_C": _MAX_BLOCK_C, "INVERSE": inverse}, num_warps=4,
-        divisible_by_16=("src_ptr", "dst_ptr", "channels"), expects_16_byte_access=True)
-
-
-COMPILE_SPECS = [_spec(dtype, inverse) for dtype in ("bf16", "fp16", "fp32")
-                 for inverse in (False, True)]

@@ -18,7 +18,7 @@ bitwise reproducible.
 Registers (compile gate, sm_90, C = 3200 padded to 4 x 4096, 16 warps): forward 66 per thread,
 no spills; backward 128 (the cap at 512 threads) with 264-480 bytes of spill per thread (the two
 fp32 accumulators plus the row in flight exceed the register file; 32 warps spill 184-288 bytes).
-Accepted as a measured exception in COMPILE_SPECS; keeping the accumulators out of registers
+Accepted as a measured exception by the compile gate (compile_specs/); keeping the accumulators out of registers
 (as the CUDA kernel does in shared memory) is the fix to try once a GPU can time it.
 """
 
@@ -30,7 +30,6 @@ import triton.language as tl
 
 from .._memory import new_output
 from .._registration import register_pixel_shuffle_layernorm
-from ..compile_gate import KernelSpec
 from .pixel_shuffle import segment_offset
 
 # Widest row kept in registers: s*s * next_pow2(C) elements. NVLM's 4 x 4096 (C = 3200) fits.
@@ -210,49 +209,3 @@ def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     out, _mean, _rstd = _psln_op(x, weight.to(x.dtype), bias.to(x.dtype), float(eps), scale,
                                  grid_h, grid_w)
     return out
-
-
-def _specs(dtype: str, channels_pow2: int) -> list[KernelSpec]:
-    """Kernels for one dtype and one padded channel width (4096: C = 3200, InternViT-6B; 1024:
-    C = 1024, InternViT-300M)."""
-    geometry = {"grid_h": "i32", "grid_w": "i32", "out_w": "i32", "out_tokens": "i32",
-                "channels": "i32"}
-    tile = {"SCALE": 2, "PARTS": 4, "BLOCK_C": channels_pow2}
-    warps = _num_warps(4 * channels_pow2)
-    label = f"{dtype},C<={channels_pow2}"
-    # measured backward spills at C <= 4096 (see the module docstring): 264-480 bytes
-    backward_spills = 512 if channels_pow2 >= 4096 else 0
-    return [
-        KernelSpec(f"pixel_shuffle_layernorm_fwd[{label}]", _psln_fwd_kernel,
-                   {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-                    "out_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                    **geometry, "eps": "fp32", "SCALE": "constexpr", "PARTS": "constexpr",
-                    "BLOCK_C": "constexpr"}, tile, num_warps=warps,
-                   divisible_by_16=("x_ptr", "weight_ptr", "bias_ptr", "out_ptr", "channels"),
-                   expects_16_byte_access=True),
-        KernelSpec(f"pixel_shuffle_layernorm_bwd[{label}]", _psln_bwd_kernel,
-                   {"grad_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}",
-                    "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "grad_x_ptr": f"*{dtype}",
-                    "partial_weight_ptr": "*fp32", "partial_bias_ptr": "*fp32", "rows": "i32",
-                    "rows_per_program": "i32", **geometry, "SCALE": "constexpr",
-                    "PARTS": "constexpr", "BLOCK_C": "constexpr"}, tile, num_warps=warps,
-                   allowed_spill_bytes=backward_spills,
-                   divisible_by_16=("grad_ptr", "x_ptr", "weight_ptr", "grad_x_ptr",
-                                    "partial_weight_ptr", "partial_bias_ptr", "channels"),
-                   expects_16_byte_access=True),
-    ]
-
-
-def _sum_partials_spec(dtype: str) -> KernelSpec:
-    return KernelSpec(
-        f"pixel_shuffle_layernorm_sum_partials[{dtype}]", _sum_partials_kernel,
-        {"partial_weight_ptr": "*fp32", "partial_bias_ptr": "*fp32",
-         "grad_weight_ptr": f"*{dtype}", "grad_bias_ptr": f"*{dtype}", "programs": "i32",
-         "width": "i32", "BLOCK": "constexpr"}, {"BLOCK": _COLUMN_BLOCK},
-        divisible_by_16=("partial_weight_ptr", "partial_bias_ptr", "grad_weight_ptr",
-                         "grad_bias_ptr", "width"), expects_16_byte_access=True)
-
-
-COMPILE_SPECS = ([spec for dtype in ("bf16", "fp16", "fp32") for c in (4096, 1024)
-                  for spec in _specs(dtype, c)]
-                 + [_sum_partials_spec(dtype) for dtype in ("bf16", "fp16", "fp32")])

@@ -51,14 +51,10 @@ import triton.language as tl
 from .._memory import new_output
 from ..reference import softmax_scale_or_default
 from .._registration import register_varlen_attention
-from ..compile_gate import KernelSpec, gqa_groups
-from ._attention_core import (CORE_SPILLS_16BIT, DELTA_ROWS, LOG2E, allowed_spills, attend,
-                              check_grid, delta_kernel, dot,
-                              delta_spec_signature, dkdv_step, dkdv_step_keys_on_m, dq_block,
-                              head_dim_padded, keys_visible_to_rows,
-                              launch_tuned, load_query_block, load_rows, loop_bounds,
-                              narrow_dots, shipped_configs, store_rows, unit_last_stride,
-                              visible_keys)
+from ._attention_core import (DELTA_ROWS, LOG2E, attend, check_grid, delta_kernel, dkdv_step,
+                              dkdv_step_keys_on_m, dot, dq_block, head_dim_padded,
+                              keys_visible_to_rows, launch_tuned, load_query_block, load_rows,
+                              loop_bounds, store_rows, unit_last_stride, visible_keys)
 
 
 @triton.jit
@@ -334,107 +330,3 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, _lse = _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, scale, causal)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# compile gate: every shipped config x head dim x causal x dtype, for the arch it is meant for
-
-
-# Spills the compile gate measured (cuobjdump STACK bytes, 2026-11-27) and accepts. The gate runs
-# with the CPU machines' triton (3.9); the triton 3.6 figures below are recorded for the GPU run
-# and are not allowances (the gate fails those entries under 3.6):
-# - 16-bit: the sm_90 d = 256 dK/dV program at the register limit, 8 bytes (triton 3.9; 0 on
-#   3.6). On triton 3.6 (the GPU environment) the shipped sm_90 d = 128 dK/dV spills 8 bytes
-#   (full) and 16 (causal), 0 on 3.9; its spill-free alternative (32, 64, 8, 2) is in the tuner's
-#   set, for a GPU run to decide between them. With ATOMIC_DQ the 3.6 figure is 32 bytes (the
-#   alternative: 0).
-# - 16-bit GQA and fp32: the attention core's allowances (_attention_core.CORE_SPILLS_16BIT,
-#   SPILLS_FP32). The GPU run times the GQA d = 128 dK/dV program against the (32, 64, 8, 2)
-#   candidate (161 registers, no spills, two dots on mma.sync).
-_MEASURED_SPILLS_16BIT = {("sm90", "bwd_dkdv", 256): 8, **CORE_SPILLS_16BIT}
-
-
-
-def _specs() -> list[KernelSpec]:
-    specs = [KernelSpec(
-        f"attention_bwd_delta[d={padded},{'gate_grad' if gate_grad else 'plain'}]",
-        delta_kernel, delta_spec_signature(),
-        {"HEAD_DIM": padded, "BLOCK_M": DELTA_ROWS, "GATE_GRAD": gate_grad},
-        divisible_by_16=("out_ptr", "grad_out_ptr", "ungated_ptr", "stride_ot", "stride_oh",
-                         "stride_dot", "stride_doh", "stride_ut", "stride_uh", "head_dim"),
-        expects_16_byte_access=True)
-        for padded in (64, 128, 256) for gate_grad in (False, True)]
-    for (arch, kind, padded, width), index, config in shipped_configs():
-        block_m, block_n, warps, stages = config
-        alt = f",alt{index}" if index else ""
-        if width == "fp32" and padded < 64:
-            continue  # the d = 16/32 fp32 entries repeat the d = 64 one
-        dtype = "bf16" if width == "16bit" else "fp32"  # fp16 lowers like bf16
-        # GQA specializations (GROUP > 1) of the causal programs, as the decoders launch them
-        programs = [(False, 1)] + [(True, group) for group in
-                                   gqa_groups(arch, width, index, padded)]
-        for causal, group in programs:
-            pointer = f"*{dtype}"
-            gqa = f",gqa{group}" if group > 1 else ""
-            name = (f"varlen_attention_{kind}[{arch},d={padded},"
-                    f"{'causal' if causal else 'full'},{dtype}{alt}{gqa}]")
-            constexprs = {"GROUP": group, "CAUSAL": causal, "HEAD_DIM": padded, "BLOCK_M": block_m,
-                          "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
-            arch_number = 90 if arch == "sm90" else 80
-            if kind == "fwd":
-                signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
-                             "out_ptr": pointer, "lse_ptr": "*fp32", "cu_q_ptr": "*i32",
-                             "cu_k_ptr": "*i32", **{s: "i32" for s in (
-                                 "stride_qt", "stride_qh", "stride_kt", "stride_kh",
-                                 "stride_vt", "stride_vh", "stride_ot", "stride_oh",
-                                 "total_q", "total_k", "head_dim")},
-                             "qk_scale_log2": "fp32",
-                             **{c: "constexpr" for c in constexprs}}
-                specs.append(KernelSpec(
-                    name, _attn_fwd_kernel, signature, constexprs, num_warps=warps,
-                    num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, "fwd", padded, dtype, group),
-                    divisible_by_16=("q_ptr", "k_ptr", "v_ptr", "out_ptr", "stride_qt",
-                                     "stride_qh", "stride_kt", "stride_kh", "stride_vt",
-                                     "stride_vh", "stride_ot", "stride_oh", "head_dim")))
-                continue
-            inputs = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer,
-                      "grad_out_ptr": pointer, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-            offsets = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", **{s: "i32" for s in (
-                "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                "stride_dot", "stride_doh")}}
-            scalars = {"total_q": "i32", "total_k": "i32", "head_dim": "i32",
-                       "qk_scale_log2": "fp32", "softmax_scale": "fp32",
-                       **{c: "constexpr" for c in constexprs}}
-            aligned = ("q_ptr", "k_ptr", "v_ptr", "grad_out_ptr", "stride_qt", "stride_qh",
-                       "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
-                       "stride_doh", "head_dim")
-            if kind == "bwd_dq":
-                kernel, variants = _attn_bwd_dq_kernel, [("", constexprs)]
-                signature = {**inputs, "dq_ptr": pointer, **offsets, **scalars}
-                aligned += ("dq_ptr",)
-            else:
-                kernel = _attn_bwd_dkdv_kernel
-                signature = {**inputs, "dk_ptr": pointer, "dv_ptr": pointer,
-                             "dq_acc_ptr": "*fp32", **offsets, "stride_at": "i32",
-                             "stride_ah": "i32", **scalars, "ATOMIC_DQ": "constexpr",
-                             "KEYS_ON_M": "constexpr"}
-                aligned += ("dk_ptr", "dv_ptr", "dq_acc_ptr", "stride_at", "stride_ah")
-                keys_on_m = kind == "bwd_dkdv_kq"
-                variants = [("", {**constexprs, "ATOMIC_DQ": False, "KEYS_ON_M": keys_on_m})]
-                if width == "16bit" and padded in (64, 128) and group == 1:  # opt-in atomic dQ
-                    variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True,
-                                                    "KEYS_ON_M": keys_on_m}))
-            for suffix, values in variants:
-                specs.append(KernelSpec(
-                    name[:-1] + suffix + "]", kernel, signature, values, num_warps=warps,
-                    num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, kind + suffix, padded, dtype,
-                                                        group),
-                    allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width,
-                                                       atomic_dq=bool(suffix)),
-                    divisible_by_16=aligned))
-    return specs
-
-
-COMPILE_SPECS = _specs()

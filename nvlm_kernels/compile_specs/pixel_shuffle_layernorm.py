@@ -1,0 +1,47 @@
+"""Compile-gate specs of ops/pixel_shuffle_layernorm.py, at the two channel widths NVLM's ViTs
+have (C = 3200 padded to 4096: InternViT-6B; C = 1024: InternViT-300M)."""
+
+from __future__ import annotations
+
+from ..ops.pixel_shuffle_layernorm import (_COLUMN_BLOCK, _num_warps, _psln_bwd_kernel,
+                                           _psln_fwd_kernel, _sum_partials_kernel)
+from .spec import KernelSpec, signature
+
+_STATISTICS = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+_PARTIALS = {"partial_weight_ptr": "*fp32", "partial_bias_ptr": "*fp32"}
+
+
+def _row_specs(dtype: str, channels_pow2: int) -> list[KernelSpec]:
+    tile = {"SCALE": 2, "PARTS": 4, "BLOCK_C": channels_pow2}
+    warps = _num_warps(4 * channels_pow2)
+    label = f"{dtype},C<={channels_pow2}"
+    # measured backward spills at C <= 4096 (ops/pixel_shuffle_layernorm.py docstring): 264-480
+    # bytes
+    backward_spills = 512 if channels_pow2 >= 4096 else 0
+    return [
+        KernelSpec(f"pixel_shuffle_layernorm_fwd[{label}]", _psln_fwd_kernel,
+                   signature(_psln_fwd_kernel, dtype, **_STATISTICS, eps="fp32"), tile,
+                   num_warps=warps,
+                   divisible_by_16=("x_ptr", "weight_ptr", "bias_ptr", "out_ptr", "channels"),
+                   expects_16_byte_access=True),
+        KernelSpec(f"pixel_shuffle_layernorm_bwd[{label}]", _psln_bwd_kernel,
+                   signature(_psln_bwd_kernel, dtype, **_STATISTICS, **_PARTIALS), tile,
+                   num_warps=warps, allowed_spill_bytes=backward_spills,
+                   divisible_by_16=("grad_ptr", "x_ptr", "weight_ptr", "grad_x_ptr",
+                                    *_PARTIALS, "channels"),
+                   expects_16_byte_access=True),
+    ]
+
+
+def _sum_partials_spec(dtype: str) -> KernelSpec:
+    return KernelSpec(
+        f"pixel_shuffle_layernorm_sum_partials[{dtype}]", _sum_partials_kernel,
+        signature(_sum_partials_kernel, dtype, **_PARTIALS), {"BLOCK": _COLUMN_BLOCK},
+        divisible_by_16=(*_PARTIALS, "grad_weight_ptr", "grad_bias_ptr", "width"),
+        expects_16_byte_access=True)
+
+
+def specs() -> list[KernelSpec]:
+    dtypes = ("bf16", "fp16", "fp32")
+    return ([spec for dtype in dtypes for c in (4096, 1024) for spec in _row_specs(dtype, c)]
+            + [_sum_partials_spec(dtype) for dtype in dtypes])
