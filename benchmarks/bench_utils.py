@@ -83,7 +83,8 @@ def triton_mode(impl: str) -> contextlib.ExitStack:
     """The settings of a Triton row, for the forward and the backward alike (enter it around
     the whole step: autograd runs the backward outside the forward's call): "triton_tuned"
     tunes the configs, "triton_atomic_dq" adds dQ with atomics, "triton_kq" runs the keys-on-M
-    dK/dV pass (varlen attention); "triton" is the shipped form."""
+    dK/dV pass, "triton_split_group" one dK/dV program per query head under GQA (varlen
+    attention); "triton" is the shipped form."""
     stack = contextlib.ExitStack()
     if impl == "triton_tuned":
         stack.enter_context(nk.autotuning())
@@ -95,7 +96,8 @@ def triton_mode(impl: str) -> contextlib.ExitStack:
 
 # Backward variants selected by an environment variable (read at each launch), by row name.
 TRITON_VARIANTS = {"triton_atomic_dq": "NVLM_KERNELS_ATOMIC_DQ",
-                   "triton_kq": "NVLM_KERNELS_KEYS_ON_M"}
+                   "triton_kq": "NVLM_KERNELS_KEYS_ON_M",
+                   "triton_split_group": "NVLM_KERNELS_SPLIT_GROUP"}
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ forward+backward, on the packs of benchmarks/cases.py (NVLM-D SFT rows, causal, 
 "triton" runs the shipped configurations, "triton_tuned" the tuner's picks among their candidates
 (nk.autotuning; the picks are in the row's extra_info "configs"), "triton_atomic_dq" (backward
 only) adds dQ with atomics from the dK/dV pass instead of a second pass, "triton_kq" (backward
-only) runs the dK/dV pass with keys on M (S^T = K Q^T).
+only) runs the dK/dV pass with keys on M (S^T = K Q^T), "triton_split_group" (backward only, GQA
+packs) runs one dK/dV program per query head and sums the group's shares.
 Baselines (cases.VARLEN_BASELINES): torch's varlen_attn (FlashAttention-2), a per-sequence SDPA
 loop, SDPA on a padded batch, FlexAttention with a document mask built once, and
 flash_attn_varlen_func where installed. FLOPs count only unmasked work.
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
-from bench_utils import synchronized, triton_mode, tune_before_timing
+from bench_utils import TRITON_VARIANTS, synchronized, triton_mode, tune_before_timing
 from cases import VARLEN_BASELINES, VARLEN_PACKS, Unavailable, varlen_baseline, varlen_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
@@ -63,7 +64,7 @@ def test_forward(benchmark, name, impl):
 
 
 @pytest.mark.parametrize("name", list(VARLEN_PACKS))
-@pytest.mark.parametrize("impl", IMPLS + ["triton_atomic_dq", "triton_kq"])
+@pytest.mark.parametrize("impl", IMPLS + list(TRITON_VARIANTS))
 def test_forward_backward(benchmark, name, impl):
     pack = VARLEN_PACKS[name]
     inputs = varlen_inputs(pack, "cuda", torch.bfloat16, requires_grad=True)

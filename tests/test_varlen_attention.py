@@ -98,6 +98,24 @@ def test_keys_on_m_backward(triton_backend, device, causal, atomic_dq, monkeypat
     assert_matches_reference(OP, inputs, triton_backend)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", ["", "NVLM_KERNELS_KEYS_ON_M", "NVLM_KERNELS_ATOMIC_DQ"])
+def test_split_group_backward(triton_backend, device, causal, variant, monkeypatch):
+    """NVLM_KERNELS_SPLIT_GROUP=1: one dK/dV program per query head, the group's fp32 shares
+    summed afterwards; alone and with the other backward variants; GQA 7 (Qwen2-0.5B's 14/2)
+    and GQA 3, empty and odd-length sequences, lq != lk, head dim 40."""
+    from nvlm_kernels.ops.varlen_attention import split_group_enabled
+
+    monkeypatch.setenv("NVLM_KERNELS_SPLIT_GROUP", "1")
+    if variant:
+        monkeypatch.setenv(variant, "1")
+    assert split_group_enabled()
+    inputs = pack([1, 7, 0, 40, 65], [3, 7, 5, 33, 65], 14, 2, 40, torch.float32, device, causal)
+    assert_matches_reference(OP, inputs, triton_backend)
+    inputs = pack([45, 70], [45, 70], 3, 1, 64, torch.float16, device, causal)
+    assert_matches_reference(OP, inputs, triton_backend)
+
+
 def test_atomic_dq_yields_to_torch_determinism(monkeypatch):
     from nvlm_kernels.ops.varlen_attention import atomic_dq_enabled
 

@@ -45,28 +45,40 @@ def specs() -> list[KernelSpec]:
                           "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
             if kind == "fwd":
                 kernel = _attn_fwd_kernel
-                arguments, aligned = typed(kernel, dtype, **_OFFSETS, lse_ptr="*fp32")
-                variants = [("", constexprs)]
+                variants = [("", constexprs, typed(kernel, dtype, **_OFFSETS, lse_ptr="*fp32"))]
             elif kind == "bwd_dq":
                 kernel = _attn_bwd_dq_kernel
-                arguments, aligned = typed(kernel, dtype, **_BACKWARD)
-                variants = [("", constexprs)]
+                variants = [("", constexprs, typed(kernel, dtype, **_BACKWARD))]
             else:   # bwd_dkdv, bwd_dkdv_kq: one kernel, KEYS_ON_M picks the orientation
                 kernel = _attn_bwd_dkdv_kernel
-                arguments, aligned = typed(kernel, dtype, **_BACKWARD, dq_acc_ptr="*fp32")
-                aligned += ("dq_acc_ptr",)
-                keys_on_m = kind == "bwd_dkdv_kq"
-                variants = [("", {**constexprs, "ATOMIC_DQ": False, "KEYS_ON_M": keys_on_m})]
-                if width == "16bit" and padded in (64, 128) and group == 1:  # opt-in atomic dQ
-                    variants.append((",atomic_dq", {**constexprs, "ATOMIC_DQ": True,
-                                                    "KEYS_ON_M": keys_on_m}))
-            for suffix, values in variants:
+                variants = _dkdv_variants(kernel, dtype, constexprs, width, padded, group,
+                                          keys_on_m=kind == "bwd_dkdv_kq")
+            for suffix, values, (arguments, aligned) in variants:
                 specs.append(KernelSpec(
                     f"{name}{suffix}]", kernel, arguments, values, num_warps=warps,
                     num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
-                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch, kind + suffix,
-                                                       padded, dtype, group),
+                    allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch,
+                                                       kind + suffix, padded, dtype, group),
                     allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width,
-                                                       atomic_dq=bool(suffix)),
+                                                       atomic_dq=suffix == ",atomic_dq"),
                     divisible_by_16=aligned))
     return specs
+
+
+def _dkdv_variants(kernel, dtype: str, constexprs: dict, width: str, padded: int, group: int,
+                   keys_on_m: bool) -> list[tuple[str, dict, tuple[dict, tuple]]]:
+    """(name suffix, constexprs, typed arguments) of the dK/dV programs of one config: the
+    default; with atomic dQ (16-bit, d = 64/128, no GQA); and, for each GQA group, the
+    split-group form, whose dK/dV are fp32 shares per query head."""
+    def arguments(shares: str) -> tuple[dict, tuple]:
+        arguments, aligned = typed(kernel, dtype, **_BACKWARD, dq_acc_ptr="*fp32",
+                                   **({"dk_ptr": shares, "dv_ptr": shares} if shares else {}))
+        return arguments, aligned + ("dq_acc_ptr",) + (("dk_ptr", "dv_ptr") if shares else ())
+
+    flags = {**constexprs, "ATOMIC_DQ": False, "KEYS_ON_M": keys_on_m, "SPLIT_GROUP": False}
+    variants = [("", flags, arguments(""))]
+    if width == "16bit" and padded in (64, 128) and group == 1:  # opt-in atomic dQ
+        variants.append((",atomic_dq", {**flags, "ATOMIC_DQ": True}, arguments("")))
+    if group > 1:   # opt-in NVLM_KERNELS_SPLIT_GROUP
+        variants.append((",split", {**flags, "SPLIT_GROUP": True}, arguments("*fp32")))
+    return variants

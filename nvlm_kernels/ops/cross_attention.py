@@ -236,10 +236,11 @@ def _cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: tor
     total_kv, kv_heads, _ = k.shape
     gated = gate_factor is not None
     gate_grad = gate_grad and gated
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     d_gate = torch.zeros((heads,) if gate_grad else (0,), dtype=torch.float32, device=q.device)
     if total_q == 0:
-        return dq, dk, dv, d_gate
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), d_gate
+    # No memset: the dK/dV programs cover every key row and the dQ programs every query row.
+    dq, dk, dv = (new_output(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     check_grid("cross_attention", heads=heads)
     out = unit_last_stride(out)
     ungated = unit_last_stride(ungated) if gate_grad else out
@@ -255,8 +256,8 @@ def _cross_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: tor
         GATE_GRAD=gate_grad, num_warps=4)
     if gate_grad:
         d_gate = partial.sum(0)
-    if total_kv == 0:
-        return dq, dk, dv, d_gate
+    if total_kv == 0:   # no key: dQ is zero (dK and dV have no rows)
+        return dq.zero_(), dk, dv, d_gate
     flags = dict(GROUP=heads // kv_heads, GATED=gated, HEAD_DIM=padded,
                  IEEE_DOTS=q.dtype == torch.float32)
     gate = gate_factor if gated else q

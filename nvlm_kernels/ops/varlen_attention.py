@@ -28,8 +28,25 @@ memory, and at BLOCK_M = 32 two of its four dots fall back to mma.sync (the comp
 them); dK/dV is 4 of the backward's 7 GEMM units. If those cost what a read-through estimated
 (the backward at 45-70 % of FlashAttention-2's speed at d = 128, 35-40 % for Qwen2-0.5B's GQA-7
 d = 64 pack), the keys-on-M pass should make the backward 1.2-1.4x faster at d = 128. It does not
-touch the GQA work balance (one program still loops over its whole group), which limits the
-d = 64 GQA-7 pack.
+touch the GQA work balance (one program still loops over its whole group); the split-group form
+below does.
+
+NVLM_KERNELS_SPLIT_GROUP=1 (GQA only) runs the dK/dV pass with one program per query head instead
+of one per KV head looping over its group: each writes its head's share of dK/dV in fp32
+((total_k, Hq, d)), and torch sums the G shares of each KV head in a fixed order (deterministic).
+Prediction, for the GPU run to confirm or refute: at Qwen2-0.5B's GQA 7 the default launches
+2/14 as many programs, each 7x longer, and a causal key block 0 does twice the average block's
+work, so the last wave runs mostly idle; split, the pass should run 1.5-2x faster (and at 212
+rather than 253 registers at d = 64; at d = 128 GQA 7 it removes a 56-byte spill: the compile
+gate, sm_90, triton 3.9). Against that, the shares cost 2 x 4 x total_k x Hq x d bytes written
+and read (8k keys x 14 heads x 64: ~120 MB, ~40 us on an H100), so the backward as a whole
+should gain 1.1-1.3x on that pack and less at GQA 4 over longer heads.
+
+Causal forward and dQ programs take their query blocks last-first (_query_block_index): a
+block's work grows with its index, so the heaviest start first and light ones fill the grid's
+tail, as in flash-attention 2. The dK/dV pass needs no reordering: its key block 0, which every
+query sees, is already first. The backward allocates dQ, dK and dV without a memset: its kernels
+write every row of every sequence.
 
 The loops themselves (online softmax, softmax backward, dK/dV and dQ accumulation) live in
 _attention_core.py and are shared with cross-attention: this module only turns cu_seqlens and the
@@ -76,12 +93,22 @@ def _row_key_bounds(rows, q_len, k_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_block_index(CAUSAL: tl.constexpr):
+    """This program's query block. Causal: the last blocks first, since a causal query block's
+    work grows with its index and programs start in launch order: the heaviest start first and
+    the light ones fill the tail of the grid (flash-attention 2's order)."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_ot, stride_oh, total_q, total_k, head_dim, qk_scale_log2,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr):
-    block_m = tl.program_id(0)
+    block_m = _query_block_index(CAUSAL)
     sequence = tl.program_id(1)
     head = tl.program_id(2)
     q_start, q_len = _sequence_bounds(cu_q_ptr, sequence, total_q)
@@ -110,13 +137,27 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                           dq_acc_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh, stride_kt,
                           stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_at,
-                          stride_ah, total_q, total_k, head_dim, qk_scale_log2, softmax_scale,
-                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, KEYS_ON_M: tl.constexpr):
+                          stride_ah, stride_dkt, stride_dkh, total_q, total_k, head_dim,
+                          qk_scale_log2, softmax_scale, GROUP: tl.constexpr,
+                          CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, IEEE_DOTS: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr, KEYS_ON_M: tl.constexpr,
+                          SPLIT_GROUP: tl.constexpr):
+    """dK/dV of one key block of one sequence (dk/dv share the strides stride_dkt/dkh). A
+    program owns a KV head and loops over the GROUP query heads that read it, or, SPLIT_GROUP,
+    owns one query head and writes that head's share of dK/dV (fp32, (total_k, Hq, d)), which
+    the launcher sums over each group in a fixed order."""
     block_n = tl.program_id(0)
     sequence = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    if SPLIT_GROUP:
+        first_head = tl.program_id(2)
+        kv_head = first_head // GROUP
+        out_head = first_head
+    else:
+        kv_head = tl.program_id(2)
+        first_head = kv_head * GROUP
+        out_head = kv_head
+    heads: tl.constexpr = 1 if SPLIT_GROUP else GROUP
     k_start, k_len = _sequence_bounds(cu_k_ptr, sequence, total_k)
     if block_n * BLOCK_N < k_len:
         q_start, q_len = _sequence_bounds(cu_q_ptr, sequence, total_q)
@@ -142,7 +183,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         if CAUSAL:
             m_first = tl.maximum(block_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
         q_base = q_start.to(tl.int64)
-        for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):
+        for head in range(first_head, first_head + heads):
             stats_base = tl.cast(head, tl.int64) * total_q + q_start
             for start_m in range(m_first, q_len, BLOCK_M):
                 rows = start_m + tl.arange(0, BLOCK_M)
@@ -172,10 +213,10 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                                   + rows[:, None].to(tl.int64) * stride_at + dims[None, :],
                                   dq_part, mask=(rows < q_len)[:, None] & dim_mask[None, :],
                                   sem="relaxed")
-        store_rows(dk_ptr + k_base * stride_kt + kv_head * stride_kh, cols, stride_kt, dims,
+        store_rows(dk_ptr + k_base * stride_dkt + out_head * stride_dkh, cols, stride_dkt, dims,
                    dk * softmax_scale, kv_mask)
-        store_rows(dv_ptr + k_base * stride_vt + kv_head * stride_vh, cols, stride_vt, dims, dv,
-                   kv_mask)
+        store_rows(dv_ptr + k_base * stride_dkt + out_head * stride_dkh, cols, stride_dkt, dims,
+                   dv, kv_mask)
 
 
 @triton.jit
@@ -185,7 +226,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
                         qk_scale_log2, softmax_scale, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         IEEE_DOTS: tl.constexpr):
-    block_m = tl.program_id(0)
+    block_m = _query_block_index(CAUSAL)
     sequence = tl.program_id(1)
     head = tl.program_id(2)
     q_start, q_len = _sequence_bounds(cu_q_ptr, sequence, total_q)
@@ -218,6 +259,14 @@ def keys_on_m_enabled() -> bool:
     candidate for Hopper until a GPU run times it against the default: the benchmark's
     "triton_kq" rows."""
     return os.environ.get("NVLM_KERNELS_KEYS_ON_M") == "1"
+
+
+def split_group_enabled() -> bool:
+    """NVLM_KERNELS_SPLIT_GROUP=1: under GQA, the dK/dV pass runs one program per query head
+    (not per KV head over its whole group) and sums the group's fp32 shares afterwards, a
+    candidate until a GPU run times it against the default: the benchmark's
+    "triton_split_group" rows."""
+    return os.environ.get("NVLM_KERNELS_SPLIT_GROUP") == "1"
 
 
 def atomic_dq_enabled() -> bool:
@@ -267,11 +316,8 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     total_q, heads, head_dim = q.shape
     total_k, kv_heads, _ = k.shape
     batch = cu_seqlens_q.numel() - 1
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
     if total_q == 0 or total_k == 0 or batch <= 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     check_grid("varlen_attention", sequences=batch, heads=heads)
     out = unit_last_stride(out)
     padded = head_dim_padded(head_dim)
@@ -290,16 +336,28 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
     dkdv_kind = "bwd_dkdv_kq" if keys_on_m else "bwd_dkdv"
     dq_acc = torch.empty((total_q, heads, head_dim) if atomic_dq else (0, 1, 1),
                          dtype=torch.float32, device=q.device)
+    # No memset: the kernels write every row of every sequence, and valid cu_seqlens cover all
+    # rows. As in the forward, rows outside every sequence (invalid contents, which the GPU
+    # path does not check; NVLM_KERNELS_DEBUG=1 does) are left undefined.
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    split_group = split_group_enabled() and heads > kv_heads
+    if split_group:   # each query head's share of dK/dV, summed over its group below
+        dk = new_output((total_k, heads, head_dim), dtype=torch.float32, device=q.device)
+        dv = new_output((total_k, heads, head_dim), dtype=torch.float32, device=q.device)
+    else:
+        dk = new_output(k.shape, dtype=k.dtype, device=q.device)
+        dv = new_output(v.shape, dtype=v.dtype, device=q.device)
 
     def launch_dkdv(config):
         block_m, block_n, warps, stages = config
         if atomic_dq:
             dq_acc.zero_()  # each launch adds every dS K into it (the tuner launches several)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch, kv_heads)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, block_n), batch,
+                               heads if split_group else kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, *strides,
-            dq_acc.stride(0), dq_acc.stride(1), total_q, total_k, head_dim, *scales, **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, KEYS_ON_M=keys_on_m,
-            num_warps=warps, num_stages=stages)
+            dq_acc.stride(0), dq_acc.stride(1), dk.stride(0), dk.stride(1), total_q, total_k,
+            head_dim, *scales, **flags, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq,
+            KEYS_ON_M=keys_on_m, SPLIT_GROUP=split_group, num_warps=warps, num_stages=stages)
 
     def launch_dq(config):
         block_m, block_n, warps, stages = config
@@ -309,8 +367,12 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
             num_warps=warps, num_stages=stages)
 
     if max_seqlen_k:
-        launch_tuned("varlen_attention", (causal, atomic_dq), q.device, padded, dkdv_kind,
-                     q.dtype, launch_dkdv)
+        launch_tuned("varlen_attention", (causal, atomic_dq, split_group), q.device, padded,
+                     dkdv_kind, q.dtype, launch_dkdv)
+    if split_group:   # fixed order, fp32: deterministic
+        group = heads // kv_heads
+        dk = dk.view(total_k, kv_heads, group, head_dim).sum(2).to(k.dtype)
+        dv = dv.view(total_k, kv_heads, group, head_dim).sum(2).to(v.dtype)
     if atomic_dq:
         dq.copy_(dq_acc)
     elif max_seqlen_q:
