@@ -40,11 +40,12 @@ def require_implementation(impl: str, op: str, device: str) -> None:
         pytest.skip(reason)
 
 
-def bench_memory_op(benchmark, op: str, impl: str, device: str, mode: str):
-    """Time one memory-bound op (cases.memory_cases, NVLM's shapes) on `impl` ("eager" or a
-    backend) in `mode` ("forward" or "forward+backward"); returns (result, inputs)."""
+def bench_memory_op(benchmark, op: str, impl: str, device: str, mode: str, case_index: int = 0):
+    """Time one memory-bound op (cases.memory_cases, NVLM's shapes; the op's case_index-th case)
+    on `impl` ("eager" or a backend) in `mode` ("forward" or "forward+backward"); returns
+    (result, inputs)."""
     require_implementation(impl, op, device)
-    case = next(c for c in memory_cases("real", device) if c.op == op)
+    case = [c for c in memory_cases("real", device) if c.op == op][case_index]
     dtype = bench_dtype(device)
     args = case.inputs(device, dtype, mode != "forward")
     fn = case.eager if impl == "eager" else on_backend(impl, case.kernel)

@@ -53,6 +53,22 @@ def test_repeated_ids_accumulate(backend, device, require_backend):
     assert_matches_reference(OP, embed_inputs(ids, 10, 33, torch.float32, device, image_id=9), backend)
 
 
+@pytest.mark.parametrize("lengths", [(300, 41, 64), (64, 64, 1, 128), (63, 2, 193)])
+def test_long_runs_of_one_id(backend, device, require_backend, lengths):
+    """Runs of one id as long as real SFT batches have (template tokens, padding): longer than
+    the Triton table gradient's chunk of 64 rows, ending exactly at a chunk boundary, starting at
+    one, and crossing several, shuffled among placeholders and other ids."""
+    require_backend(OP, torch.float32)
+    torch.manual_seed(len(lengths))
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]
+                    + [torch.randint(0, 20, (30,)), torch.full((25,), 20)])
+    assert_matches_reference(OP, embed_inputs(ids, 20, 24, torch.float32, device, image_id=20),
+                             backend)
+    shuffled = ids[torch.randperm(ids.numel())]
+    assert_matches_reference(OP, embed_inputs(shuffled, 20, 24, torch.float32, device,
+                                              image_id=20), backend)
+
+
 def test_strided_table_and_images(backend, device, require_backend):
     require_backend(OP, torch.float32)
     ids = random_ids((40,), 25, 0.3, image_id=99)

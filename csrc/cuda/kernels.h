@@ -62,10 +62,16 @@ cudaError_t multimodal_embed_image_grad(const void* grad, const int64_t* positio
                                         int element_bytes, cudaStream_t stream);
 
 // grad_table[key] = sum of grad rows over each run of equal sorted keys (keys == vocab skipped),
-// in position order; grad_table must be zeroed by the caller.
+// in position order; grad_table must be zeroed by the caller. Runs are summed in pieces of at
+// most kTableGradChunk positions; partials is fp32 scratch of table_grad_partials_rows(tokens)
+// x dim elements.
+constexpr int64_t kTableGradChunk = 64;
+inline int64_t table_grad_partials_rows(int64_t tokens) {
+  return 2 * ((tokens + kTableGradChunk - 1) / kTableGradChunk);
+}
 cudaError_t multimodal_embed_table_grad(const void* grad, const int64_t* sorted_keys,
-                                        const int64_t* order, void* grad_table, int64_t tokens,
-                                        int64_t vocab, int64_t dim, ScalarKind kind,
-                                        cudaStream_t stream);
+                                        const int64_t* order, void* grad_table, float* partials,
+                                        int64_t tokens, int64_t vocab, int64_t dim,
+                                        ScalarKind kind, cudaStream_t stream);
 
 }  // namespace nvlm::cuda

@@ -216,9 +216,11 @@ std::tuple<at::Tensor, at::Tensor> multimodal_embed_backward_cuda(const at::Tens
     // the optional<bool> overload: a plain `true` would select sort(self, dim)
     const auto [sorted_keys, order] =
         at::sort(ids.masked_fill(no_table_grad, vocab), std::optional<bool>(true), 0, false);
+    at::Tensor partials = at::empty({cuda::table_grad_partials_rows(tokens), dim}, grad.options().dtype(at::kFloat));
     C10_CUDA_CHECK(cuda::multimodal_embed_table_grad(
         grad.const_data_ptr(), sorted_keys.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
-        grad_table.mutable_data_ptr(), tokens, vocab, dim, scalar_kind(grad), stream));
+        grad_table.mutable_data_ptr(), partials.mutable_data_ptr<float>(), tokens, vocab, dim,
+        scalar_kind(grad), stream));
   }
   return {grad_table, grad_images};
 }

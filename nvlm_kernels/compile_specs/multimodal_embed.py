@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..ops.multimodal_embed import (_MAX_BLOCK_D, _image_grad_kernel,
-                                    _multimodal_embed_fwd_kernel, _table_grad_kernel)
+from ..ops.multimodal_embed import (_CHUNK, _MAX_BLOCK_D, _image_grad_kernel,
+                                    _multimodal_embed_fwd_kernel, _table_grad_kernel,
+                                    _table_grad_merge_kernel)
 from .spec import KernelSpec, signature
 
 
@@ -24,8 +25,15 @@ def _specs(dtype: str) -> list[KernelSpec]:
                    expects_16_byte_access=True),
         KernelSpec(f"multimodal_embed_table_grad[{dtype}]", _table_grad_kernel,
                    signature(_table_grad_kernel, dtype, sorted_keys_ptr="*i64", order_ptr="*i64",
-                             num_tokens="i64", vocab="i64"), block,
-                   divisible_by_16=("grad_ptr", "grad_table_ptr", "dim"),
+                             partials_ptr="*fp32", num_tokens="i64", vocab="i64"),
+                   {**block, "CHUNK": _CHUNK},
+                   divisible_by_16=("grad_ptr", "grad_table_ptr", "partials_ptr", "dim"),
+                   expects_16_byte_access=True),
+        KernelSpec(f"multimodal_embed_table_grad_merge[{dtype}]", _table_grad_merge_kernel,
+                   signature(_table_grad_merge_kernel, dtype, sorted_keys_ptr="*i64",
+                             partials_ptr="*fp32", num_tokens="i64", vocab="i64"),
+                   {**block, "CHUNK": _CHUNK},
+                   divisible_by_16=("grad_table_ptr", "partials_ptr", "dim"),
                    expects_16_byte_access=True),
     ]
 

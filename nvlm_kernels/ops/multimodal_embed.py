@@ -8,9 +8,16 @@ bounds: such rows come out as zeros.
 
 Backward:
   d image_embeds: a gather, d_images[m] = grad_out[position of the m-th placeholder];
-  d embed_weight: a segmented sum over text positions sorted (stably) by id. The first position
-    of each run of equal ids sums the whole run in position order and writes the row once: no
-    atomics, so the result is deterministic, and rows of ids that do not occur stay zero.
+  d embed_weight: a segmented sum over text positions sorted (stably) by id, in position order
+    and fp32, no atomics: deterministic; rows of ids that do not occur stay zero. A run is summed
+    in pieces of at most _CHUNK positions (one program each, from a run's first position or a
+    chunk boundary inside a run); a piece that is its whole run writes the table row, the others
+    leave fp32 partials that a second kernel adds chunk by chunk. Prediction for the GPU run: a
+    run of 2,000 template tokens was one program's serial walk of 2,000 dependent row loads
+    (~1-2 ms at ~0.5-1 us each, longer than the rest of the backward); pieced, it is at most
+    64 + 2000 / 64 = 96 steps, so the table gradient of the "sft" benchmark case should drop to
+    about the cost of its uniform-id twin, while uniform ids (runs of 1-2) pay only the second,
+    nearly empty launch.
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from .._registration import register_multimodal_embed
 
 # Columns per program: 1024 bf16 = 2 KB rows chunks; D = 8192 gives 8 programs per token.
 _MAX_BLOCK_D = 1024
+
+
+# Longest serial sum of one program in the table gradient: runs of one id longer than this (chat
+# template tokens, newlines, padding: hundreds to thousands of rows in real SFT batches) are cut
+# into pieces of at most CHUNK rows, summed in parallel, and merged by a second kernel that adds
+# at most length / CHUNK partials. 64 balances the two serial walks for runs of ~4k rows.
+_CHUNK = 64
 
 
 def _block_d(dim: int) -> int:
@@ -59,24 +73,66 @@ def _image_grad_kernel(grad_ptr, positions_ptr, grad_images_ptr, dim, BLOCK_D: t
 
 
 @triton.jit
-def _table_grad_kernel(grad_ptr, sorted_keys_ptr, order_ptr, grad_table_ptr, num_tokens, vocab,
-                       dim, BLOCK_D: tl.constexpr):
+def _run_continues(sorted_keys_ptr, position, key, num_tokens):
+    """Whether the id at `position` is `key` (a run of `key` goes on there)."""
+    return tl.load(sorted_keys_ptr + position, mask=position < num_tokens, other=-1) == key
+
+
+@triton.jit
+def _table_grad_kernel(grad_ptr, sorted_keys_ptr, order_ptr, grad_table_ptr, partials_ptr,
+                       num_tokens, vocab, dim, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum of the gradient rows of one piece of a run of equal ids: a piece starts at a run's
+    first position or at a chunk boundary (positions multiple of CHUNK) inside a run, and ends
+    at the run's end or the next boundary, so no program sums more than CHUNK rows. A piece
+    that is its whole run writes the table row; the others leave fp32 partials for
+    _table_grad_merge_kernel: slot 0 of their chunk when they continue a run from the chunk
+    before, else slot 1 (the piece that starts a run and goes on into the next chunk)."""
     start = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < dim
     key = tl.load(sorted_keys_ptr + start)
     previous = tl.load(sorted_keys_ptr + start - 1, mask=start > 0, other=-1)
-    # Only the first position of each run of one id works; key == vocab marks positions that
-    # carry no table gradient (placeholders, ids outside the table).
-    if (key != previous) & (key < vocab):
+    run_start = key != previous
+    chunk = start // CHUNK
+    # key == vocab marks positions that carry no table gradient (placeholders, bad ids)
+    if (run_start | (start % CHUNK == 0)) & (key < vocab):
+        end = tl.minimum((chunk + 1) * CHUNK, num_tokens)
         total = tl.zeros((BLOCK_D,), dtype=tl.float32)
         position = start
         current = key
-        while current == key:
+        while (current == key) & (position < end):
             token = tl.load(order_ptr + position)
             total += tl.load(grad_ptr + token * dim + cols, mask=col_mask, other=0.0).to(tl.float32)
             position += 1
             current = tl.load(sorted_keys_ptr + position, mask=position < num_tokens, other=-1)
+        if run_start & (current != key):     # the whole run
+            tl.store(grad_table_ptr + key * dim + cols,
+                     total.to(grad_table_ptr.dtype.element_ty), mask=col_mask)
+        else:
+            slot = tl.where(run_start, 1, 0)
+            tl.store(partials_ptr + (chunk * 2 + slot) * dim + cols, total, mask=col_mask)
+
+
+@triton.jit
+def _table_grad_merge_kernel(sorted_keys_ptr, grad_table_ptr, partials_ptr, num_tokens, vocab,
+                             dim, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The runs that cross a chunk boundary: the program of the chunk where such a run starts
+    adds its partials chunk by chunk, in order (deterministic, fp32), and writes the row."""
+    chunk = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    last = tl.minimum((chunk + 1) * CHUNK, num_tokens) - 1    # the chunk's last position
+    key = tl.load(sorted_keys_ptr + last)
+    before = tl.load(sorted_keys_ptr + chunk * CHUNK - 1, mask=chunk > 0, other=-1)
+    going_on = _run_continues(sorted_keys_ptr, last + 1, key, num_tokens)
+    # the run at the chunk's end starts in this chunk and goes on into the next one
+    if (key < vocab) & (before != key) & going_on:
+        total = tl.load(partials_ptr + (chunk * 2 + 1) * dim + cols, mask=col_mask, other=0.0)
+        next_chunk = chunk + 1
+        while going_on:   # the ids are sorted: the run covers every chunk up to where it ends
+            total += tl.load(partials_ptr + next_chunk * 2 * dim + cols, mask=col_mask, other=0.0)
+            next_chunk += 1
+            going_on = _run_continues(sorted_keys_ptr, next_chunk * CHUNK, key, num_tokens)
         tl.store(grad_table_ptr + key * dim + cols,
                  total.to(grad_table_ptr.dtype.element_ty), mask=col_mask)
 
@@ -132,9 +188,15 @@ def _multimodal_embed_backward_op(grad_out: torch.Tensor, input_ids: torch.Tenso
         ids64 = ids.long()
         no_table_grad = is_image | (ids64 < 0) | (ids64 >= vocab)
         sorted_keys, order = torch.sort(ids64.masked_fill(no_table_grad, vocab), stable=True)
+        chunks = triton.cdiv(tokens, _CHUNK)
+        partials = torch.empty((chunks, 2, dim), dtype=torch.float32, device=grad.device)
         _table_grad_kernel[(tokens, triton.cdiv(dim, block_d))](
-            grad, sorted_keys, order, grad_table, tokens, vocab, dim, BLOCK_D=block_d,
-            num_warps=4)
+            grad, sorted_keys, order, grad_table, partials, tokens, vocab, dim, CHUNK=_CHUNK,
+            BLOCK_D=block_d, num_warps=4)
+        if chunks > 1:
+            _table_grad_merge_kernel[(chunks - 1, triton.cdiv(dim, block_d))](
+                sorted_keys, grad_table, partials, tokens, vocab, dim, CHUNK=_CHUNK,
+                BLOCK_D=block_d, num_warps=4)
     return grad_table, grad_images
 
 
