@@ -333,12 +333,16 @@ CONFIGS = {
 # Alternatives the opt-in tuner (nvlm_kernels/_tuning.py) times against the entry above, where the
 # compile gate left more than one good tile: sm_90, 16-bit, head dims 128 (the ViT's and the
 # large LLMs') and 64 (Qwen2-0.5B's), each free of spills on triton 3.6 and 3.9. The compile gate
-# builds them all.
+# builds them all. Tried and left out, sm_90 bf16, triton 3.9 (2026-11-28): forward d = 128 at
+# 128 x 128 / 8 warps (56 bytes of spills at 255 registers, 160 KB of shared memory) and 128 x 64
+# / 4 warps (336-360 bytes); the default-orientation dK/dV with 128-key blocks (64 x 128 / 8
+# warps: 24 bytes at d = 64, 96 with atomic dQ; 488-832 at d = 128). A 128-key atomic-dQ
+# backward is the keys-on-M pass with NVLM_KERNELS_ATOMIC_DQ=1, whose tiles compile clean.
 ALTERNATIVES = {
     ("sm90", "fwd", 128, "16bit"): ((128, 64, 8, 2),),
     ("sm90", "bwd_dkdv", 128, "16bit"): ((32, 64, 8, 2),),
     ("sm90", "bwd_dq", 128, "16bit"): ((128, 64, 8, 2), (128, 32, 8, 2)),
-    ("sm90", "fwd", 64, "16bit"): ((128, 128, 8, 2),),
+    ("sm90", "fwd", 64, "16bit"): ((128, 128, 8, 2), (128, 64, 4, 2)),   # 4 warps: 244-254 regs
     ("sm90", "bwd_dkdv", 64, "16bit"): ((32, 64, 4, 2),),
     ("sm90", "bwd_dq", 64, "16bit"): ((128, 32, 8, 2),),
     ("sm90", "bwd_dkdv_kq", 128, "16bit"): ((32, 128, 8, 1),),   # 251 / 255 registers
