@@ -166,9 +166,22 @@ def _triton_device_error(device: torch.device) -> str | None:
 # eagerly and keeps its result as a constant instead of tracing the loading code (see the mark
 # after the function).
 def selected_backend(op: str, device_type: str, dtype: torch.dtype) -> str:
-    """The backend that runs `op` for tensors of this device type and dtype (or raises why not)."""
-    device = torch.device(device_type)
+    """The backend that runs `op` for tensors of this device type and dtype (or raises why not).
+    Each answer is kept: it is asked once per op call, and only the request (use_backend, the
+    environment) can change it once the backends have loaded."""
     requested = _requested_backend()
+    key = (requested, op, device_type, dtype,
+           requested == "triton" and device_type == "cpu" and triton_interpreter_enabled())
+    name = _selected.get(key)
+    if name is None:
+        name = _selected[key] = _select(requested, op, torch.device(device_type), dtype)
+    return name
+
+
+_selected: dict[tuple, str] = {}
+
+
+def _select(requested: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     if requested == "auto":
         for name in _auto_order(device):
             error, impls = _backend(name)
@@ -192,7 +205,8 @@ def selected_backend(op: str, device_type: str, dtype: torch.dtype) -> str:
 
 
 # What torch.compiler.assume_constant_result does, without importing Dynamo (and with it triton,
-# about 2 s) when nvlm_kernels is imported; tests/test_native.py compiles through it.
+# about 2 s) when nvlm_kernels is imported; the op tests (tests/test_pixel_shuffle.py, ...) compile
+# through it.
 selected_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 

@@ -25,6 +25,7 @@ only when causal; cross-attention's dK/dV always masks (its rows' ranges vary pe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -358,9 +359,15 @@ def shipped_configs() -> Iterator[tuple[tuple[str, str, int, str], int, tuple[in
             yield key, index, option
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> str:
+    """The config table's arch of a CUDA device, asked once per device (not per launch)."""
+    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+
+
 def config_key(device: torch.device, head_dim_padded: int, kind: str,
                dtype: torch.dtype) -> tuple[str, str, int, str]:
-    arch = "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+    arch = _arch(device)
     width = "fp32" if dtype == torch.float32 else "16bit"
     return arch, kind, min(head_dim_padded, 256), width
 
