@@ -78,7 +78,8 @@ def compile_triton(spec: KernelSpec, arch: int) -> Report:
             ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
                       attrs=attrs),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                     **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})})
     except Exception as exc:  # noqa: BLE001  (any compiler failure is the finding)
         report.problems.append(f"does not compile: {type(exc).__name__}: {exc}".splitlines()[0])
         return report

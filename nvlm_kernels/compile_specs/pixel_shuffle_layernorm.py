@@ -3,8 +3,9 @@ have (C = 3200 padded to 4096: InternViT-6B; C = 1024: InternViT-300M)."""
 
 from __future__ import annotations
 
-from ..ops.pixel_shuffle_layernorm import (_COLUMN_BLOCK, _num_warps, _psln_bwd_kernel,
-                                           _psln_fwd_kernel, _sum_partials_kernel)
+from ..ops.pixel_shuffle_layernorm import (_COLUMN_BLOCK, _COLUMN_WARPS, _forward_max_registers,
+                                           _num_warps, _psln_bwd_kernel, _psln_fwd_kernel,
+                                           _sum_partials_kernel)
 from .spec import KernelSpec, signature
 
 _STATISTICS = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
@@ -21,7 +22,7 @@ def _row_specs(dtype: str, channels_pow2: int) -> list[KernelSpec]:
     return [
         KernelSpec(f"pixel_shuffle_layernorm_fwd[{label}]", _psln_fwd_kernel,
                    signature(_psln_fwd_kernel, dtype, **_STATISTICS, eps="fp32"), tile,
-                   num_warps=warps,
+                   num_warps=warps, maxnreg=_forward_max_registers(warps),
                    divisible_by_16=("x_ptr", "weight_ptr", "bias_ptr", "out_ptr", "channels"),
                    expects_16_byte_access=True),
         KernelSpec(f"pixel_shuffle_layernorm_bwd[{label}]", _psln_bwd_kernel,
@@ -37,6 +38,7 @@ def _sum_partials_spec(dtype: str) -> KernelSpec:
     return KernelSpec(
         f"pixel_shuffle_layernorm_sum_partials[{dtype}]", _sum_partials_kernel,
         signature(_sum_partials_kernel, dtype, **_PARTIALS), {"BLOCK": _COLUMN_BLOCK},
+        num_warps=_COLUMN_WARPS,
         divisible_by_16=(*_PARTIALS, "grad_weight_ptr", "grad_bias_ptr", "width"),
         expects_16_byte_access=True)
 

@@ -35,6 +35,7 @@ class KernelSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None   # a register cap the launch passes (triton's `maxnreg`)
     archs: tuple[int, ...] = ARCHS
     expects_wgmma: bool = False  # attention dots must lower to wgmma on sm_90, every one
     # dots that may stay mma.sync on sm_90 (M < 64 per warpgroup); nonzero only with a comment

@@ -15,11 +15,19 @@ row of a (programs, D) fp32 buffer; a second kernel adds those rows in program o
 of programs depends only on the row count and the card's SM count, so a run on a given card is
 bitwise reproducible.
 
-Registers (compile gate, sm_90, C = 3200 padded to 4 x 4096, 16 warps): forward 66 per thread,
-no spills; backward 128 (the cap at 512 threads) with 264-480 bytes of spill per thread (the two
-fp32 accumulators plus the row in flight exceed the register file; 32 warps spill 184-288 bytes).
-Accepted as a measured exception by the compile gate (compile_specs/); keeping the accumulators out of registers
-(as the CUDA kernel does in shared memory) is the fix to try once a GPU can time it.
+Registers (compile gate, sm_90, C = 3200 padded to 4 x 4096, 16 warps): forward 66 per thread
+uncapped, which let one 512-thread program run per SM; it is launched with maxnreg = 64 (64, no
+spills), so two programs share an SM and one's loads overlap the other's reductions. Prediction
+for the GPU run: the forward moves from one row in flight per SM to two, worth up to ~1.3-1.5x on
+a latency-bound row loop (it reads 25.6 KB and writes 25.6 KB per row at C = 3200 bf16); it
+should reach >= 80 % of the card's copy bandwidth. The partial sums of the backward are added
+by 100 one-warp programs of 128 columns (D = 12800), not 13 of 1024.
+
+The backward takes 128 registers (the cap at 512 threads) and spills 264-480 bytes per thread: the
+two fp32 accumulators plus the row in flight exceed the register file (32 warps spill 184-288
+bytes). The compile gate accepts it as a measured exception (compile_specs/); keeping the
+accumulators out of registers (as the CUDA kernel does in shared memory) is the fix to try once a
+GPU can time it.
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ _MAX_TILE = 16384
 # backward's 128 registers x 512 threads fill an SM). One per SM keeps the (programs, D) fp32
 # partials small: 132 x 12800 x 4 B x 2 = 13.5 MB on an H100, against 3 x 92 MB of data traffic.
 _INTERPRETER_PROGRAMS = 4
-_COLUMN_BLOCK = 1024
+# Columns per program of the partial sums' reduction: 128 fp32 at one warp is one 16-byte vector
+# per thread, and D = 12800 gives 100 programs (1024 columns gave 13, each adding 132 rows).
+_COLUMN_BLOCK = 128
+_COLUMN_WARPS = 1
 
 
 def _backward_programs(rows: int, device: torch.device) -> int:
@@ -61,6 +72,13 @@ def _tile(channels: int, scale: int) -> tuple[int, int]:
 def _num_warps(tile: int) -> int:
     # ~16 fp32 values of each row-sized tensor per thread
     return max(4, min(16, tile // 512))
+
+
+def _forward_max_registers(num_warps: int) -> int | None:
+    """The forward's register cap: two programs per SM (65536 registers) at 16 warps need <= 64
+    per thread; uncapped it takes 66 (sm_90, C = 3200), so one program ran per SM. Capped, the
+    compile gate measures 64 and no spills. Narrower tiles fit two programs uncapped."""
+    return 64 if num_warps == 16 else None
 
 
 @triton.jit
@@ -165,9 +183,11 @@ def _psln_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     mean = new_output((n, out_tokens), dtype=torch.float32, device=x.device)
     rstd = new_output((n, out_tokens), dtype=torch.float32, device=x.device)
     if rows:
+        warps = _num_warps(parts * block_c)
         _psln_fwd_kernel[(rows,)](x, weight, bias, out, mean, rstd, grid_h, grid_w, out_w,
                                   out_tokens, channels, eps, SCALE=scale, PARTS=parts,
-                                  BLOCK_C=block_c, num_warps=_num_warps(parts * block_c))
+                                  BLOCK_C=block_c, num_warps=warps,
+                                  maxnreg=_forward_max_registers(warps))
     return out, mean, rstd
 
 
@@ -194,7 +214,7 @@ def _psln_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                                   num_warps=_num_warps(parts * block_c))
     _sum_partials_kernel[(triton.cdiv(width, _COLUMN_BLOCK),)](
         partial_weight, partial_bias, grad_weight, grad_bias, programs, width,
-        BLOCK=_COLUMN_BLOCK, num_warps=4)
+        BLOCK=_COLUMN_BLOCK, num_warps=_COLUMN_WARPS)
     return grad_x, grad_weight, grad_bias
 
 
