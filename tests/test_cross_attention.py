@@ -179,3 +179,46 @@ def test_torch_compile_without_graph_breaks(triton_backend, device):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _expected_spans(start, end, total_kv, block_m, block_n):
+    """[first, last) per key block: the query blocks whose rows' union of non-empty ranges,
+    clamped as the kernels clamp them, overlaps the key block."""
+    lo = start.clamp(0, total_kv)
+    hi = torch.maximum(end.clamp(max=total_kv), lo)
+    query_blocks = -(-start.numel() // block_m)
+    unions = []
+    for b in range(query_blocks):
+        rows = slice(b * block_m, (b + 1) * block_m)
+        nonempty = lo[rows] < hi[rows]
+        unions.append((int(lo[rows][nonempty].min()) if nonempty.any() else total_kv,
+                       int(hi[rows][nonempty].max()) if nonempty.any() else 0))
+    spans = []
+    for key_lo in range(0, total_kv, block_n):
+        reaching = [b for b, (u_lo, u_hi) in enumerate(unions)
+                    if u_lo < key_lo + block_n and u_hi > key_lo]
+        spans.append((min(reaching, default=query_blocks), max(reaching, default=-1) + 1))
+    return spans
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (64, 64)])
+def test_query_block_spans(triton_backend, device, block_m, block_n):
+    """The dK/dV pass's span of query blocks per key block (one Triton launch) against the rule
+    computed here with torch. Random, empty, reversed and out-of-range ranges over more query
+    blocks than one step of the kernel reads; then windows sliding by 4 keys per query block,
+    whose unions start and end exactly on key block boundaries."""
+    from nvlm_kernels.ops.cross_attention import _query_block_spans
+
+    total_kv = 300
+    g = torch.Generator().manual_seed(block_m)
+    start = torch.randint(-20, total_kv + 20, (1000,), generator=g)
+    end = start + torch.randint(-5, 60, (1000,), generator=g)
+    start[100:300], end[100:300] = 40, 40                  # a run of empty ranges
+    windows = torch.arange(40 * block_m - 3) // block_m * 4
+    for start, end in ((start, end), (windows, windows + block_n)):
+        start, end = start.to(torch.int32), end.to(torch.int32)
+        first, last = _query_block_spans(start.to(device), end.to(device), total_kv, block_m,
+                                         block_n)
+        expected = _expected_spans(start, end, total_kv, block_m, block_n)
+        assert list(zip(first.tolist(), last.tolist())) == expected
+        assert any(f < la for f, la in expected)   # not all empty

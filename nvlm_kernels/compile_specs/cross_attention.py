@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from ..ops._attention_core import shipped_configs
-from ..ops.cross_attention import _cross_bwd_dkdv_kernel, _cross_bwd_dq_kernel, _cross_fwd_kernel
+from ..ops.cross_attention import (_SPAN_QUERY_BLOCKS, _cross_bwd_dkdv_kernel,
+                                   _cross_bwd_dq_kernel, _cross_fwd_kernel,
+                                   _query_block_spans_kernel)
 from ._attention import CORE_SPILLS_16BIT, allowed_spills, narrow_dots, typed
-from .spec import KernelSpec, gqa_groups
+from .spec import KernelSpec, gqa_groups, signature
 
 # Spills: none in the 16-bit programs on triton 3.9 (2026-11-27), the gate's version. On triton
 # 3.6 (the GPU environment; recorded, not allowances) the sm_90 d = 128 and sm_80 d = 64 dK/dV
@@ -22,8 +24,20 @@ _KERNELS = {"fwd": (_cross_fwd_kernel, _RANGES),
                                                   "last_ptr": "*i32"})}
 
 
+def _span_specs() -> list[KernelSpec]:
+    """The dK/dV pass's span kernel, for each (BLOCK_M, BLOCK_N) a dK/dV config launches it with."""
+    tiles = sorted({(config[0], config[1]) for (_, kind, _, _), _, config in shipped_configs()
+                    if kind == "bwd_dkdv"})
+    return [KernelSpec(f"cross_attention_spans[m={block_m},n={block_n}]",
+                       _query_block_spans_kernel, signature(_query_block_spans_kernel, "i32"),
+                       {"BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "QUERY_BLOCKS": _SPAN_QUERY_BLOCKS},
+                       divisible_by_16=("start_ptr", "end_ptr"))
+            for block_m, block_n in tiles]
+
+
 def specs() -> list[KernelSpec]:
-    specs = []
+    specs = _span_specs()
     for (arch, kind, padded, width), index, config in shipped_configs():
         if kind == "bwd_dkdv_kq":
             continue  # the keys-on-M dK/dV is varlen attention's candidate only, so far
