@@ -9,9 +9,13 @@
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), scattered back through the shuffle.
 // One block per SM walks a contiguous range of rows; each thread owns the same columns in every
 // row, so it accumulates dweight = sum(dy * xhat) and dbias = sum(dy) for them without any
-// synchronization inside the row loop: in shared memory (2 x D fp32 = 100 KB at D = 12800) where
-// the card allows that much per block, else directly in the block's partial row in global memory
-// (L2-resident). A second kernel adds the partial rows in block order: deterministic.
+// synchronization inside the row loop: in shared memory (2 x D fp32 rounded up to whole vectors of
+// the block: 128 KB at D = 12800) where the card allows that much per block, else directly in the
+// block's partial row in global memory (L2-resident). A second kernel adds the partial rows in
+// block order: deterministic. In shared memory the accumulators are laid out by (vector, element
+// of the vector, thread), so that at each step a warp's 32 threads add into 32 consecutive floats,
+// one per bank; by column (each thread's kVec = 8 bf16 columns side by side) 8 threads shared
+// every bank, an 8-way conflict on each of the 16 read-modify-writes per vector.
 #include <cutlass/array.h>
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
@@ -98,6 +102,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// Shared accumulator floats per block for one of dweight/dbias: every (vector, element, thread)
+// slot a row of `width` columns uses (R::index runs over whole vectors of the block).
+template <int kVec>
+__host__ __device__ int64_t shared_accumulator_slots(int64_t width) {
+  const int64_t per_vector = static_cast<int64_t>(kThreads) * kVec;
+  return (width + per_vector - 1) / per_vector * per_vector;
+}
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
@@ -106,13 +118,24 @@ __global__ void __launch_bounds__(kThreads, 1)
                     float* __restrict__ partial_weight, float* __restrict__ partial_bias,
                     int64_t rows, int64_t rows_per_block, Shuffle s, bool shared_accumulators) {
   using R = Row<T, kVec>;
-  extern __shared__ float shared[];  // [width] dweight, then [width] dbias, when they fit
+  extern __shared__ float shared[];  // [slots] dweight, then [slots] dbias, when they fit
   const int64_t width = s.channels * s.scale * s.scale;
+  const int64_t slots = shared_accumulator_slots<kVec>(width);
   float* acc_weight = shared_accumulators ? shared : partial_weight + blockIdx.x * width;
-  float* acc_bias = shared_accumulators ? shared + width : partial_bias + blockIdx.x * width;
-  for (int64_t i = threadIdx.x; i < width; i += kThreads) acc_weight[i] = acc_bias[i] = 0.0f;
-  // The zeroing and the final copy stride over the columns differently from the accumulation
-  // (each thread adds only into its own columns, R::index), hence the barriers around them.
+  float* acc_bias = shared_accumulators ? shared + slots : partial_bias + blockIdx.x * width;
+  // Where element k of this thread's vector v (row column i + k) accumulates: by slot in shared
+  // memory (bank-conflict free, see the top of the file), by column in the global partial row.
+  // (kVec = 1, the unaligned fallback: consecutive threads own consecutive columns already.)
+  auto at = [&](int v, int k, int64_t i) -> int64_t {
+    if constexpr (kVec > 1) {
+      if (shared_accumulators) return (static_cast<int64_t>(v) * kVec + k) * kThreads + threadIdx.x;
+    }
+    return i + k;
+  };
+  const int64_t extent = shared_accumulators ? slots : width;
+  for (int64_t j = threadIdx.x; j < extent; j += kThreads) acc_weight[j] = acc_bias[j] = 0.0f;
+  // The zeroing strides over the accumulators differently from the accumulation (each thread
+  // adds only into its own slots or columns), hence the barrier.
   __syncthreads();
   const int64_t first = blockIdx.x * rows_per_block;
   const int64_t last = first + rows_per_block < rows ? first + rows_per_block : rows;
@@ -149,18 +172,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           dx[k] = rs * (dy[v][k] * w[k] - g_mean - xhat[v][k] * gx_mean);
-          acc_weight[i + k] += dy[v][k] * xhat[v][k];
-          acc_bias[i + k] += dy[v][k];
+          acc_weight[at(v, k, i)] += dy[v][k] * xhat[v][k];
+          acc_bias[at(v, k, i)] += dy[v][k];
         }
         R::store(grad_x + segment_offset(row, i / s.channels, s) + i % s.channels, dx);
       }
     }
   }
-  __syncthreads();
-  if (shared_accumulators) {
-    for (int64_t i = threadIdx.x; i < width; i += kThreads) {
-      partial_weight[blockIdx.x * width + i] = acc_weight[i];
-      partial_bias[blockIdx.x * width + i] = acc_bias[i];
+  if (shared_accumulators) {  // each thread copies its own slots to their columns
+    for (int v = 0; v < R::kVectors; ++v) {
+      const int64_t i = R::index(v);
+      if (i < width) {
+        for (int k = 0; k < kVec; ++k) {
+          partial_weight[blockIdx.x * width + i + k] = acc_weight[at(v, k, i)];
+          partial_bias[blockIdx.x * width + i + k] = acc_bias[at(v, k, i)];
+        }
+      }
     }
   }
 }
@@ -218,7 +245,8 @@ cudaError_t launch_backward(const T* grad, const T* x, const T* weight, const fl
                             int64_t rows, int64_t rows_per_block, const Shuffle& s,
                             cudaStream_t stream) {
   const int64_t width = s.channels * s.scale * s.scale;
-  const int64_t wanted = 2 * width * static_cast<int64_t>(sizeof(float));  // <= 128 KB
+  const int64_t wanted = 2 * shared_accumulator_slots<kVec>(width) *
+                         static_cast<int64_t>(sizeof(float));  // <= 128 KB
   const bool shared_accumulators = wanted <= shared_memory_limit;
   const size_t shared = shared_accumulators ? static_cast<size_t>(wanted) : 0;
   auto kernel = backward_kernel<T, kVec>;
