@@ -173,8 +173,11 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
         # Causal: query rows i < n0 - (k_len - q_len) see none of these keys, so the loop starts
-        # at the block holding the first row that does, and every block is masked (a second,
-        # unmasked loop for the rows below the diagonal spilled 368 bytes at d = 128 on sm_90).
+        # at the block holding the first row that does, and every block is masked. A second,
+        # unmasked loop for the rows below the diagonal spilled 368 bytes at d = 128 on sm_90;
+        # retried 2026-11-28 (triton 3.9, sm_90, causal GQA 7) on the split-group programs: d = 64
+        # 212 -> 254 registers, d = 128 240 bytes of spills; clean only with keys on M (188 /
+        # 219 registers), a combination no GPU-check row times yet.
         # Non-causal: every row sees every key, no mask (rows past q_len have lse = +inf, so
         # P = 0; keys past k_len only touch dK/dV rows that are never stored) -- unless dS goes
         # into dQ (ATOMIC_DQ), where a key past k_len (K = 0, P possibly inf) would add NaN.
