@@ -37,7 +37,7 @@ def _span_specs() -> list[KernelSpec]:
 
 
 def specs() -> list[KernelSpec]:
-    specs = _span_specs()
+    result = _span_specs()
     for (arch, kind, padded, width), index, config in shipped_configs():
         if kind == "bwd_dkdv_kq":
             continue  # the keys-on-M dK/dV is varlen attention's candidate only, so far
@@ -54,7 +54,7 @@ def specs() -> list[KernelSpec]:
                           "BLOCK_N": block_n, "IEEE_DOTS": dtype == "fp32"}
             if kind == "fwd":
                 constexprs["SAVE_UNGATED"] = True
-            specs.append(KernelSpec(
+            result.append(KernelSpec(
                 f"cross_attention_{kind}[{arch},d={padded},{dtype}{alt}{gqa}]", kernel,
                 arguments, constexprs, num_warps=warps, num_stages=stages,
                 archs=(90 if arch == "sm90" else 80,), expects_wgmma=dtype != "fp32",
@@ -62,4 +62,4 @@ def specs() -> list[KernelSpec]:
                                                    dtype, group),
                 allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width),
                 divisible_by_16=aligned))
-    return specs
+    return result

@@ -26,7 +26,7 @@ _BACKWARD = {**_OFFSETS, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "softmax_scal
 
 
 def specs() -> list[KernelSpec]:
-    specs = delta_specs()
+    result = delta_specs()
     for (arch, kind, padded, width), index, config in shipped_configs():
         block_m, block_n, warps, stages = config
         alt = f",alt{index}" if index else ""
@@ -54,7 +54,7 @@ def specs() -> list[KernelSpec]:
                 variants = _dkdv_variants(kernel, dtype, constexprs, width, padded, group,
                                           keys_on_m=kind == "bwd_dkdv_kq")
             for suffix, values, (arguments, aligned) in variants:
-                specs.append(KernelSpec(
+                result.append(KernelSpec(
                     f"{name}{suffix}]", kernel, arguments, values, num_warps=warps,
                     num_stages=stages, archs=(arch_number,), expects_wgmma=dtype != "fp32",
                     allowed_spill_bytes=allowed_spills(_MEASURED_SPILLS_16BIT, arch,
@@ -62,7 +62,7 @@ def specs() -> list[KernelSpec]:
                     allowed_non_wgmma_dots=narrow_dots(arch, kind, block_m, width,
                                                        atomic_dq=suffix == ",atomic_dq"),
                     divisible_by_16=aligned))
-    return specs
+    return result
 
 
 def _dkdv_variants(kernel, dtype: str, constexprs: dict, width: str, padded: int, group: int,
