@@ -84,21 +84,23 @@ def triton_mode(impl: str) -> contextlib.ExitStack:
     """The settings of a Triton row, for the forward and the backward alike (enter it around
     the whole step: autograd runs the backward outside the forward's call): "triton_tuned"
     tunes the configs, "triton_atomic_dq" adds dQ with atomics, "triton_kq" runs the keys-on-M
-    dK/dV pass, "triton_split_group" one dK/dV program per query head under GQA (varlen
-    attention); "triton" is the shipped form."""
+    dK/dV pass, "triton_split_group" one dK/dV program per query head under GQA,
+    "triton_kq_split_group" both (varlen attention); "triton" is the shipped form."""
     stack = contextlib.ExitStack()
     if impl == "triton_tuned":
         stack.enter_context(nk.autotuning())
-    for name, variable in TRITON_VARIANTS.items():
-        if impl == name:
-            stack.enter_context(environment(variable, "1"))
+    for variable in TRITON_VARIANTS.get(impl, ()):
+        stack.enter_context(environment(variable, "1"))
     return stack
 
 
 # Backward variants selected by an environment variable (read at each launch), by row name.
-TRITON_VARIANTS = {"triton_atomic_dq": "NVLM_KERNELS_ATOMIC_DQ",
-                   "triton_kq": "NVLM_KERNELS_KEYS_ON_M",
-                   "triton_split_group": "NVLM_KERNELS_SPLIT_GROUP"}
+# "triton_kq_split_group" is the combination whose programs also skip the mask below the causal
+# diagonal (ops/varlen_attention.py, INTERIOR_UNMASKED).
+TRITON_VARIANTS = {"triton_atomic_dq": ("NVLM_KERNELS_ATOMIC_DQ",),
+                   "triton_kq": ("NVLM_KERNELS_KEYS_ON_M",),
+                   "triton_split_group": ("NVLM_KERNELS_SPLIT_GROUP",),
+                   "triton_kq_split_group": ("NVLM_KERNELS_KEYS_ON_M", "NVLM_KERNELS_SPLIT_GROUP")}
 
 
 @contextlib.contextmanager

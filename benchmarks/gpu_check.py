@@ -530,8 +530,8 @@ def _varlen_rows(ctx: Context, impls: list[str], modes=("forward", "forward+back
             for impl in impls:
                 if impl in TRITON_VARIANTS and not grad:
                     continue   # backward variants
-                if impl == "triton_split_group" and pack.groups == 1:
-                    continue   # the same programs as "triton" without GQA
+                if impl.endswith("split_group") and pack.groups == 1:
+                    continue   # without GQA, the same programs as without the split
                 identity = dict(op="varlen_attention", shape=pack.name, impl=impl,
                                 flops=pack.useful_flops(mode))
                 with ctx.guarded("time", mode=mode, **identity):

@@ -5,7 +5,8 @@ forward+backward, on the packs of benchmarks/cases.py (NVLM-D SFT rows, causal, 
 (nk.autotuning; the picks are in the row's extra_info "configs"), "triton_atomic_dq" (backward
 only) adds dQ with atomics from the dK/dV pass instead of a second pass, "triton_kq" (backward
 only) runs the dK/dV pass with keys on M (S^T = K Q^T), "triton_split_group" (backward only, GQA
-packs) runs one dK/dV program per query head and sums the group's shares.
+packs) runs one dK/dV program per query head and sums the group's shares, "triton_kq_split_group"
+both, with no mask below the causal diagonal.
 Baselines (cases.VARLEN_BASELINES): torch's varlen_attn (FlashAttention-2), a per-sequence SDPA
 loop, SDPA on a padded batch, FlexAttention with a document mask built once, and
 flash_attn_varlen_func where installed. FLOPs count only unmasked work.

@@ -119,14 +119,15 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert all(r.get("ok") for r in correct), [r for r in correct if not r.get("ok")]
     # varlen attention's backward variants are checked like the default
     assert {r["backend"] for r in correct if r["op"] == "varlen_attention"} == {
-        "triton", "triton_kq", "triton_atomic_dq", "triton_split_group"}
+        "triton", "triton_kq", "triton_atomic_dq", "triton_split_group", "triton_kq_split_group"}
     # every op timed on Triton, and beside a baseline
     timed = [r for r in rows if r["kind"] == "time" and "gpu_ms" in r]
     assert {r["op"] for r in timed if r["impl"] == "triton"} >= {
         "varlen_attention", "cross_attention", "pixel_shuffle", "pixel_shuffle_layernorm",
         "multimodal_embed"}
     assert {"sdpa_loop", "eager_sdpa_mask", "eager", "flex", "triton_kq",
-            "triton_atomic_dq", "triton_split_group"} <= {r["impl"] for r in timed}
+            "triton_atomic_dq", "triton_split_group", "triton_kq_split_group"} <= {
+                r["impl"] for r in timed}
     assert {r["shape"] for r in timed if r["op"] == "train_step"} == {"tiny-D", "tiny-X",
                                                                        "tiny-H"}
     # rows carry their time since the start, in the order they were written (serial stages)

@@ -42,6 +42,11 @@ gate, sm_90, triton 3.9). Against that, the shares cost 2 x 4 x total_k x Hq x d
 and read (8k keys x 14 heads x 64: ~120 MB, ~40 us on an H100), so the backward as a whole
 should gain 1.1-1.3x on that pack and less at GQA 4 over longer heads.
 
+With both switches (keys on M and split group) the causal dK/dV programs also skip the mask on
+the query blocks below the diagonal (INTERIOR_UNMASKED), which only those programs can afford in
+registers (188 / 219 at d = 64 / 128, GQA 7, no spills; all 8 dots on wgmma): the GPU check's
+"triton_kq_split_group" rows, predicted the fastest backward on the causal GQA packs.
+
 Causal forward and dQ programs take their query blocks last-first (_query_block_index): a
 block's work grows with its index, so the heaviest start first and light ones fill the grid's
 tail, as in flash-attention 2. The dK/dV pass needs no reordering: its key block 0, which every
@@ -134,6 +139,42 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
 
 
 @triton.jit
+def _dkdv_query_block(dk, dv, k, v, cols, dims, dim_mask, start_m, head, q_base, stats_base,
+                      q_len, k_len, q_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                      stride_qt, stride_qh, stride_dot, stride_doh, stride_at, stride_ah,
+                      qk_scale_log2, softmax_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, IEEE_DOTS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                      KEYS_ON_M: tl.constexpr):
+    """One query block's contribution to a key block's dK/dV (and, ATOMIC_DQ, its dS K to dQ)."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q, grad_out, lse, delta = load_query_block(
+        q_ptr + q_base * stride_qt + head * stride_qh,
+        grad_out_ptr + q_base * stride_dot + head * stride_doh,
+        lse_ptr + stats_base, delta_ptr + stats_base, rows, rows < q_len,
+        stride_qt, stride_dot, dims, dim_mask)
+    visible = None
+    if MASKED:
+        row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
+        if KEYS_ON_M:
+            visible = keys_visible_to_rows(cols, row_lo, row_hi)
+        else:
+            visible = visible_keys(cols, row_lo, row_hi)
+    if KEYS_ON_M:
+        dk, dv, ds_t = dkdv_step_keys_on_m(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
+                                           qk_scale_log2, False, MASKED, IEEE_DOTS)
+        ds = tl.trans(ds_t)   # only atomic dQ reads it
+    else:
+        dk, dv, ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
+                               qk_scale_log2, False, MASKED, IEEE_DOTS)
+    if ATOMIC_DQ:  # dQ += dS K, in fp32, from every key block (order not fixed)
+        dq_part = dot(ds.to(k.dtype), k, IEEE_DOTS) * softmax_scale
+        tl.atomic_add(dq_acc_ptr + q_base * stride_at + head * stride_ah
+                      + rows[:, None].to(tl.int64) * stride_at + dims[None, :],
+                      dq_part, mask=(rows < q_len)[:, None] & dim_mask[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                           dq_acc_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh, stride_kt,
                           stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_at,
@@ -158,6 +199,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         first_head = kv_head * GROUP
         out_head = kv_head
     heads: tl.constexpr = 1 if SPLIT_GROUP else GROUP
+    # Only the split-group keys-on-M programs have the registers for a second, unmasked loop
+    # (see the comment at `masked`).
+    INTERIOR_UNMASKED: tl.constexpr = CAUSAL and SPLIT_GROUP and KEYS_ON_M and not ATOMIC_DQ
     k_start, k_len = _sequence_bounds(cu_k_ptr, sequence, total_k)
     if block_n * BLOCK_N < k_len:
         q_start, q_len = _sequence_bounds(cu_q_ptr, sequence, total_q)
@@ -177,7 +221,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         # unmasked loop for the rows below the diagonal spilled 368 bytes at d = 128 on sm_90;
         # retried 2026-11-28 (triton 3.9, sm_90, causal GQA 7) on the split-group programs: d = 64
         # 212 -> 254 registers, d = 128 240 bytes of spills; clean only with keys on M (188 /
-        # 219 registers), a combination no GPU-check row times yet.
+        # 219 registers), so only split-group keys-on-M programs run it (INTERIOR_UNMASKED; the
+        # GPU check's "triton_kq_split_group" rows).
         # Non-causal: every row sees every key, no mask (rows past q_len have lse = +inf, so
         # P = 0; keys past k_len only touch dK/dV rows that are never stored) -- unless dS goes
         # into dQ (ATOMIC_DQ), where a key past k_len (K = 0, P possibly inf) would add NaN.
@@ -186,36 +231,29 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
         if CAUSAL:
             m_first = tl.maximum(block_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M * BLOCK_M
         q_base = q_start.to(tl.int64)
+        # Rows from m_split on see the whole key block (causal), so need no mask there.
+        m_split = q_len
+        if INTERIOR_UNMASKED:
+            m_split = tl.minimum(tl.maximum(
+                tl.cdiv(block_n * BLOCK_N + BLOCK_N - 1 - (k_len - q_len), BLOCK_M) * BLOCK_M,
+                m_first), q_len)
         for head in range(first_head, first_head + heads):
             stats_base = tl.cast(head, tl.int64) * total_q + q_start
-            for start_m in range(m_first, q_len, BLOCK_M):
-                rows = start_m + tl.arange(0, BLOCK_M)
-                q, grad_out, lse, delta = load_query_block(
-                    q_ptr + q_base * stride_qt + head * stride_qh,
-                    grad_out_ptr + q_base * stride_dot + head * stride_doh,
-                    lse_ptr + stats_base, delta_ptr + stats_base, rows, rows < q_len,
-                    stride_qt, stride_dot, dims, dim_mask)
-                visible = None
-                if masked:
-                    row_lo, row_hi = _row_key_bounds(rows, q_len, k_len, CAUSAL)
-                    if KEYS_ON_M:
-                        visible = keys_visible_to_rows(cols, row_lo, row_hi)
-                    else:
-                        visible = visible_keys(cols, row_lo, row_hi)
-                if KEYS_ON_M:
-                    dk, dv, ds_t = dkdv_step_keys_on_m(dk, dv, k, v, q, grad_out, lse, delta,
-                                                       visible, 1.0, qk_scale_log2, False,
-                                                       masked, IEEE_DOTS)
-                    ds = tl.trans(ds_t)   # only atomic dQ reads it
-                else:
-                    dk, dv, ds = dkdv_step(dk, dv, k, v, q, grad_out, lse, delta, visible, 1.0,
-                                           qk_scale_log2, False, masked, IEEE_DOTS)
-                if ATOMIC_DQ:  # dQ += dS K, in fp32, from every key block (order not fixed)
-                    dq_part = dot(ds.to(k.dtype), k, IEEE_DOTS) * softmax_scale
-                    tl.atomic_add(dq_acc_ptr + q_base * stride_at + head * stride_ah
-                                  + rows[:, None].to(tl.int64) * stride_at + dims[None, :],
-                                  dq_part, mask=(rows < q_len)[:, None] & dim_mask[None, :],
-                                  sem="relaxed")
+            for start_m in range(m_first, m_split, BLOCK_M):
+                dk, dv = _dkdv_query_block(
+                    dk, dv, k, v, cols, dims, dim_mask, start_m, head, q_base, stats_base,
+                    q_len, k_len, q_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_at, stride_ah,
+                    qk_scale_log2, softmax_scale, CAUSAL, masked, BLOCK_M, IEEE_DOTS,
+                    ATOMIC_DQ, KEYS_ON_M)
+            if INTERIOR_UNMASKED:
+                for start_m in range(m_split, q_len, BLOCK_M):
+                    dk, dv = _dkdv_query_block(
+                        dk, dv, k, v, cols, dims, dim_mask, start_m, head, q_base, stats_base,
+                        q_len, k_len, q_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                        stride_qt, stride_qh, stride_dot, stride_doh, stride_at, stride_ah,
+                        qk_scale_log2, softmax_scale, CAUSAL, False, BLOCK_M, IEEE_DOTS,
+                        ATOMIC_DQ, KEYS_ON_M)
         store_rows(dk_ptr + k_base * stride_dkt + out_head * stride_dkh, cols, stride_dkt, dims,
                    dk * softmax_scale, kv_mask)
         store_rows(dv_ptr + k_base * stride_dkt + out_head * stride_dkh, cols, stride_dkt, dims,
