@@ -239,21 +239,17 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr,
                 m_first), q_len)
         for head in range(first_head, first_head + heads):
             stats_base = tl.cast(head, tl.int64) * total_q + q_start
-            for start_m in range(m_first, m_split, BLOCK_M):
-                dk, dv = _dkdv_query_block(
-                    dk, dv, k, v, cols, dims, dim_mask, start_m, head, q_base, stats_base,
-                    q_len, k_len, q_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_at, stride_ah,
-                    qk_scale_log2, softmax_scale, CAUSAL, masked, BLOCK_M, IEEE_DOTS,
-                    ATOMIC_DQ, KEYS_ON_M)
-            if INTERIOR_UNMASKED:
-                for start_m in range(m_split, q_len, BLOCK_M):
+            # phase 0: the masked blocks from m_first; phase 1 (INTERIOR_UNMASKED): the rest
+            for phase in tl.static_range(2 if INTERIOR_UNMASKED else 1):
+                m_begin = m_first if phase == 0 else m_split
+                m_end = m_split if phase == 0 else q_len
+                for start_m in range(m_begin, m_end, BLOCK_M):
                     dk, dv = _dkdv_query_block(
                         dk, dv, k, v, cols, dims, dim_mask, start_m, head, q_base, stats_base,
                         q_len, k_len, q_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
                         stride_qt, stride_qh, stride_dot, stride_doh, stride_at, stride_ah,
-                        qk_scale_log2, softmax_scale, CAUSAL, False, BLOCK_M, IEEE_DOTS,
-                        ATOMIC_DQ, KEYS_ON_M)
+                        qk_scale_log2, softmax_scale, CAUSAL, masked and phase == 0, BLOCK_M,
+                        IEEE_DOTS, ATOMIC_DQ, KEYS_ON_M)
         store_rows(dk_ptr + k_base * stride_dkt + out_head * stride_dkh, cols, stride_dkt, dims,
                    dk * softmax_scale, kv_mask)
         store_rows(dv_ptr + k_base * stride_dkt + out_head * stride_dkh, cols, stride_dkt, dims,
