@@ -24,10 +24,10 @@ and loops over the query blocks whose ranges reach it, then the query heads of i
 dQ over query blocks: deterministic, no atomics, as for varlen attention. Which query blocks reach
 a key block is computed on the device by the launcher from the ranges ((query blocks x key
 blocks) comparisons in one small kernel, no host sync) as a span [first, last) of query blocks.
-In NVLM's layouts the span is tight (the text that sees an image is contiguous); with arbitrary ranges a block
-inside the span that misses the key block costs fully masked work, never a wrong result. A
-per-block skip test was tried and dropped: it cost registers (the d = 128 sm_90 dK/dV program
-spilled 88 bytes with it, none without).
+In NVLM's layouts the span is tight (the text that sees an image is contiguous); with arbitrary
+ranges a block inside the span that misses the key block costs fully masked work, never a wrong
+result. A per-block skip test was tried and dropped: it cost registers (the d = 128 sm_90 dK/dV
+program spilled 88 bytes with it, none without).
 """
 
 from __future__ import annotations
