@@ -16,6 +16,8 @@ import torch
 
 import nvlm_kernels as nk
 from cases import memory_cases
+from nvlm_kernels.ops._attention_core import device_arch, forced_tiles
+from nvlm_kernels.ops.varlen_attention import BACKWARD_VARIANTS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLEMENTATIONS = ["eager", "native", "triton"]
@@ -85,22 +87,25 @@ def triton_mode(impl: str) -> contextlib.ExitStack:
     the whole step: autograd runs the backward outside the forward's call): "triton_tuned"
     tunes the configs, "triton_atomic_dq" adds dQ with atomics, "triton_kq" runs the keys-on-M
     dK/dV pass, "triton_split_group" one dK/dV program per query head under GQA,
-    "triton_kq_split_group" both (varlen attention); "triton" is the shipped form."""
+    "triton_kq_split_group" both (varlen attention), "triton_tiles<N>" forces the tuner's N-th
+    alternative tiles on every attention launch; "triton" is the shipped form."""
     stack = contextlib.ExitStack()
     if impl == "triton_tuned":
         stack.enter_context(nk.autotuning())
     for variable in TRITON_VARIANTS.get(impl, ()):
         stack.enter_context(environment(variable, "1"))
+    if impl in TILE_OPTIONS:
+        arch = device_arch(torch.device("cuda")) if torch.cuda.is_available() else "sm90"
+        stack.enter_context(forced_tiles(arch, TILE_OPTIONS[impl]))
     return stack
 
 
-# Backward variants selected by an environment variable (read at each launch), by row name.
-# "triton_kq_split_group" is the combination whose programs also skip the mask below the causal
-# diagonal (ops/varlen_attention.py, INTERIOR_UNMASKED).
-TRITON_VARIANTS = {"triton_atomic_dq": ("NVLM_KERNELS_ATOMIC_DQ",),
-                   "triton_kq": ("NVLM_KERNELS_KEYS_ON_M",),
-                   "triton_split_group": ("NVLM_KERNELS_SPLIT_GROUP",),
-                   "triton_kq_split_group": ("NVLM_KERNELS_KEYS_ON_M", "NVLM_KERNELS_SPLIT_GROUP")}
+# Backward variants selected by environment variables (read at each launch), by row name.
+TRITON_VARIANTS = {f"triton_{name}": switches for name, switches in BACKWARD_VARIANTS.items()}
+# The tuner's alternative tiles (ops/_attention_core.ALTERNATIVES; at most two per kernel),
+# forced on every attention launch: the GPU check's correctness rows, since the tuner may pick
+# them and its own stage only times them.
+TILE_OPTIONS = {"triton_tiles1": 1, "triton_tiles2": 2}
 
 
 @contextlib.contextmanager

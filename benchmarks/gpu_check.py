@@ -425,17 +425,21 @@ def stage_correct(ctx: Context, part: int | None = None) -> None:
         return run_parts(ctx, len(parts))
     dtype, op = parts[part]
     for case, inputs in _small_cases(ctx, op, dtype):
-        _check_triton(ctx, op, case, dtype, lambda inputs=inputs: inputs)
+        _check_triton(ctx, op, case, dtype, lambda inputs=inputs: inputs, tiles=True)
 
 
-def _check_triton(ctx: Context, op: str, case: str, dtype, make: Callable[[], dict]) -> None:
+def _check_triton(ctx: Context, op: str, case: str, dtype, make: Callable[[], dict],
+                  tiles: bool = False) -> None:
     """Correctness rows of the shipped Triton form and, for varlen attention, of its backward
-    variants (never run on a card before: each is checked like the default); FA2's error beside
-    the default's. The inputs are made once, inside the guard (a failure there is a row too)."""
-    from bench_utils import TRITON_VARIANTS, triton_mode  # noqa: PLC0415
+    variants (never run on a card before: each is checked like the default); with `tiles`, of
+    the attention tuner's alternative tiles too. FA2's error beside the default's. The inputs
+    are made once, inside the guard (a failure there is a row too)."""
+    from bench_utils import TILE_OPTIONS, TRITON_VARIANTS, triton_mode  # noqa: PLC0415
     from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
 
     labels = ["triton"] + (list(TRITON_VARIANTS) if op == "varlen_attention" else [])
+    if tiles and op in ("varlen_attention", "cross_attention"):
+        labels += list(TILE_OPTIONS)
     inputs = None
     for label in labels:
         with ctx.guarded("correct", op=op, backend=label, case=case, dtype=_name(dtype)), \

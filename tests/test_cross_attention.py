@@ -1,7 +1,9 @@
 """cross_attention on the Triton backend (GPU, or the interpreter on the CPU: fp32/fp16 there,
 bf16 on a GPU) against the float64 dense masked reference: random ranges with empty, single-key,
 overlapping and full-memory rows, NVLM-X/H ranges from cross_attention_ranges, GQA, head dims,
-gate None / number / 1-element / per head (including the fresh gate 0), every gradient."""
+gate None / number / 1-element / per head (including the fresh gate 0), every gradient. Every
+test that computes a result runs over every candidate (attention_candidates.py: the cards' tiles
+forced on every launch, which the interpreter otherwise never runs)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,19 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
-from nvlm_kernels.testing import assert_matches_reference, interpreter_safe_dtypes
+from nvlm_kernels.testing import assert_matches_reference
 
+from attention_candidates import CROSS
 from test_ranges import build_layout
 
 OP = "cross_attention"
 pytestmark = pytest.mark.triton_interpret
+
+
+@pytest.fixture(params=CROSS, ids=str)
+def candidate(request, device, monkeypatch):
+    with request.param.active(monkeypatch, device):
+        yield request.param
 
 
 def random_ranges(total_q: int, total_kv: int, generator: torch.Generator):
@@ -53,13 +62,13 @@ def make_inputs(total_q, total_kv, hq, hk, d, dtype, device, gate="heads", seed=
 
 
 @pytest.mark.parametrize("hq,hk,d", [(2, 2, 64), (4, 2, 80), (14, 2, 64), (8, 1, 128)])
-def test_random_ranges_match_reference(triton_backend, device, hq, hk, d):
-    for dtype in interpreter_safe_dtypes(device):
+def test_random_ranges_match_reference(triton_backend, device, candidate, hq, hk, d):
+    for dtype in candidate.dtypes(device):
         assert_matches_reference(OP, make_inputs(70, 53, hq, hk, d, dtype, device), triton_backend)
 
 
 @pytest.mark.parametrize("gate", [None, "scalar", "number", "zero"])
-def test_gate_forms(triton_backend, device, gate):
+def test_gate_forms(triton_backend, device, candidate, gate):
     """The fresh gate tanh(0) = 0 zeroes the output but not the gate's own gradient."""
     inputs = make_inputs(45, 38, 4, 2, 32, torch.float32, device, gate=gate, seed=1)
     comparison = assert_matches_reference(OP, inputs, triton_backend)
@@ -74,7 +83,7 @@ def test_gate_forms(triton_backend, device, gate):
         assert float(grad.abs()) > 0.0
 
 
-def test_whole_and_edge_key_blocks(triton_backend, device):
+def test_whole_and_edge_key_blocks(triton_backend, device, candidate):
     """Query blocks whose non-empty rows share a start run their whole key blocks unmasked and
     mask only the edge: empty rows in such a block (they take unmasked work) must still give 0,
     rows that end at different keys, a row that starts later (no unmasked blocks), and scores
@@ -96,7 +105,7 @@ def test_whole_and_edge_key_blocks(triton_backend, device):
 
 
 @pytest.mark.parametrize("arch", ["X", "H"])
-def test_nvlm_ranges_match_reference(triton_backend, device, arch):
+def test_nvlm_ranges_match_reference(triton_backend, device, candidate, arch):
     """Ranges as the model builds them: two samples, three images, tag tokens per tile (X)."""
     samples = [[("text", 3), ("image", 3), ("text", 20), ("image", 2), ("text", 9)],
                [("text", 5), ("image", 4), ("text", 30)]]
@@ -105,7 +114,7 @@ def test_nvlm_ranges_match_reference(triton_backend, device, arch):
     kv_start, kv_end = nk.cross_attention_ranges(sample, image, mem, **kwargs)
     total_q, total_kv = sample.numel(), int(mem[-1])
     g = torch.Generator().manual_seed(2)
-    for dtype in interpreter_safe_dtypes(device):
+    for dtype in candidate.dtypes(device):
         r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
         inputs = {"q": r(total_q, 8, 64), "k": r(total_kv, 2, 64), "v": r(total_kv, 2, 64),
                   "kv_start": kv_start.to(device), "kv_end": kv_end.to(device),
@@ -125,7 +134,7 @@ def test_empty_memory_and_empty_queries(triton_backend, device):
         assert nk.cross_attention(q[:0], k, k, none, none).shape == (0, 2, 16)
 
 
-def test_non_contiguous_inputs(triton_backend, device):
+def test_non_contiguous_inputs(triton_backend, device, candidate):
     q = torch.randn(17, 64, 4, device=device).transpose(1, 2)          # (17, 4, 64), strided
     kv = torch.randn(23, 2, 2, 64, device=device)
     g = torch.Generator().manual_seed(3)
@@ -136,7 +145,7 @@ def test_non_contiguous_inputs(triton_backend, device):
     assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_bad_ranges_never_address_outside_the_memory(triton_backend, device):
+def test_bad_ranges_never_address_outside_the_memory(triton_backend, device, candidate):
     """Without validation (a GPU without NVLM_KERNELS_DEBUG) ranges are clamped into the memory,
     and start > end reads as empty."""
     q, k, v = torch.randn(4, 2, 16, device=device), *(torch.randn(9, 2, 16, device=device)
@@ -160,7 +169,7 @@ def test_double_backward_is_refused(triton_backend, device):
         torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
 
 
-def test_torch_compile_without_graph_breaks(triton_backend, device):
+def test_torch_compile_without_graph_breaks(triton_backend, device, candidate):
     inputs = make_inputs(19, 12, 4, 2, 32, torch.float32, device)
     for name in ("q", "k", "v", "gate"):
         inputs[name].requires_grad_(True)

@@ -119,7 +119,11 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert all(r.get("ok") for r in correct), [r for r in correct if not r.get("ok")]
     # varlen attention's backward variants are checked like the default
     assert {r["backend"] for r in correct if r["op"] == "varlen_attention"} == {
-        "triton", "triton_kq", "triton_atomic_dq", "triton_split_group", "triton_kq_split_group"}
+        "triton", "triton_kq", "triton_atomic_dq", "triton_split_group", "triton_kq_split_group",
+        "triton_tiles1", "triton_tiles2"}
+    # and both attention ops' alternative tiles, which the tuner may pick
+    assert {r["backend"] for r in correct if r["op"] == "cross_attention"} == {
+        "triton", "triton_tiles1", "triton_tiles2"}
     # every op timed on Triton, and beside a baseline
     timed = [r for r in rows if r["kind"] == "time" and "gpu_ms" in r]
     assert {r["op"] for r in timed if r["impl"] == "triton"} >= {

@@ -1,6 +1,8 @@
 """varlen_attention on the Triton backend (GPU, or the interpreter on the CPU: fp32/fp16 there,
 bf16 on a GPU) against the float64 reference: packs with empty and odd-length sequences, causal
-bottom-right with lq != lk, GQA 1/2/7/8, head dims 64/80/128, every gradient, poisoned outputs."""
+bottom-right with lq != lk, GQA 1/2/3/7/8, head dims 40/64/80/128, every gradient, poisoned
+outputs; every test that computes a result runs over every candidate (attention_candidates.py:
+the backward variants and their combinations, and the cards' tiles forced on the interpreter)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,18 @@ import pytest
 import torch
 
 import nvlm_kernels as nk
-from nvlm_kernels.testing import assert_matches_reference, interpreter_safe_dtypes
+from nvlm_kernels.testing import assert_matches_reference
+
+from attention_candidates import VARLEN
 
 OP = "varlen_attention"
 pytestmark = pytest.mark.triton_interpret
+
+
+@pytest.fixture(params=VARLEN, ids=str)
+def candidate(request, device, monkeypatch):
+    with request.param.active(monkeypatch, device):
+        yield request.param
 
 
 def cu_seqlens(lengths, device):
@@ -29,22 +39,23 @@ def pack(lengths_q, lengths_k, hq, hk, d, dtype, device, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("hq,hk,d", [(2, 2, 64), (4, 2, 80), (14, 2, 64), (8, 1, 128)])
-def test_matches_reference(triton_backend, device, causal, hq, hk, d):
+def test_matches_reference(triton_backend, device, candidate, causal, hq, hk, d):
     lengths = [1, 7, 0, 40, 65]
-    for dtype in interpreter_safe_dtypes(device):
+    for dtype in candidate.dtypes(device):
         inputs = pack(lengths, lengths, hq, hk, d, dtype, device, causal)
         assert_matches_reference(OP, inputs, triton_backend)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_query_and_key_lengths_differ(triton_backend, device, causal):
-    """Bottom-right causal alignment with lq < lk, lq > lk (rows that see no key) and lk = 0."""
-    inputs = pack([3, 0, 20, 33, 5], [8, 5, 4, 40, 0], 4, 2, 64, torch.float32, device, causal)
+def test_query_and_key_lengths_differ(triton_backend, device, candidate, causal):
+    """Bottom-right causal alignment with lq < lk, lq > lk (rows that see no key) and lk = 0;
+    GQA 3 at head dim 40 (padded to 64 and masked)."""
+    inputs = pack([3, 0, 20, 33, 5], [8, 5, 4, 40, 0], 6, 2, 40, torch.float32, device, causal)
     inputs["softmax_scale"] = 0.3
     assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_causal_diagonal_at_every_offset(triton_backend, device):
+def test_causal_diagonal_at_every_offset(triton_backend, device, candidate):
     """Bottom-right offsets lk - lq around multiples of the key block (32 on the interpreter, 64
     or 128 on a GPU): the backward runs query blocks unmasked from the first row that sees a
     whole key block, and an off-by-one there shows only at offsets of block - 2 or - 1."""
@@ -55,7 +66,7 @@ def test_causal_diagonal_at_every_offset(triton_backend, device):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_peaked_scores_with_partial_key_blocks(triton_backend, device, causal):
+def test_peaked_scores_with_partial_key_blocks(triton_backend, device, candidate, causal):
     """Whole key blocks run unmasked and only edge blocks mask, so keys past a sequence's end are
     masked where they could matter: with scores far below 0 a padded key's P would overflow
     (exp2(0 - lse)) and turn dQ into NaN (inf * 0) if the edge block skipped its mask."""
@@ -63,56 +74,6 @@ def test_peaked_scores_with_partial_key_blocks(triton_backend, device, causal):
     inputs["q"] = inputs["q"] + 3.0   # q.k about -576: log2-scores near -415 at scale 0.5,
     inputs["k"] = inputs["k"] - 3.0   # so a padded key's exp2(0 - lse) would be inf
     inputs["softmax_scale"] = 0.5
-    assert_matches_reference(OP, inputs, triton_backend)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_atomic_dq_backward(triton_backend, device, causal, monkeypatch):
-    """NVLM_KERNELS_ATOMIC_DQ=1: dQ added with atomics from the dK/dV pass, GQA 2, empty and
-    odd-length sequences, and peaked scores (a key past a sequence's end must add nothing)."""
-    from nvlm_kernels.ops.varlen_attention import atomic_dq_enabled
-
-    monkeypatch.setenv("NVLM_KERNELS_ATOMIC_DQ", "1")
-    assert atomic_dq_enabled()
-    inputs = pack([1, 7, 0, 40, 65], [1, 7, 0, 40, 65], 4, 2, 64, torch.float32, device, causal)
-    assert_matches_reference(OP, inputs, triton_backend)
-    inputs = pack([45, 70], [45, 70], 2, 1, 64, torch.float32, device, causal)
-    inputs.update(q=inputs["q"] + 3.0, k=inputs["k"] - 3.0, softmax_scale=0.5)
-    assert_matches_reference(OP, inputs, triton_backend)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("atomic_dq", [False, True])
-def test_keys_on_m_backward(triton_backend, device, causal, atomic_dq, monkeypatch):
-    """NVLM_KERNELS_KEYS_ON_M=1: the dK/dV pass computed transposed (S^T = K Q^T), alone and
-    with atomic dQ; GQA 2, empty and odd-length sequences, lq != lk, peaked scores."""
-    from nvlm_kernels.ops.varlen_attention import keys_on_m_enabled
-
-    monkeypatch.setenv("NVLM_KERNELS_KEYS_ON_M", "1")
-    monkeypatch.setenv("NVLM_KERNELS_ATOMIC_DQ", "1" if atomic_dq else "0")
-    assert keys_on_m_enabled()
-    inputs = pack([1, 7, 0, 40, 65], [3, 7, 5, 33, 65], 4, 2, 40, torch.float32, device, causal)
-    assert_matches_reference(OP, inputs, triton_backend)
-    inputs = pack([45, 70], [45, 70], 2, 1, 64, torch.float16, device, causal)
-    inputs.update(q=inputs["q"] + 3.0, k=inputs["k"] - 3.0, softmax_scale=0.5)
-    assert_matches_reference(OP, inputs, triton_backend)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("variant", ["", "NVLM_KERNELS_KEYS_ON_M", "NVLM_KERNELS_ATOMIC_DQ"])
-def test_split_group_backward(triton_backend, device, causal, variant, monkeypatch):
-    """NVLM_KERNELS_SPLIT_GROUP=1: one dK/dV program per query head, the group's fp32 shares
-    summed afterwards; alone and with the other backward variants; GQA 7 (Qwen2-0.5B's 14/2)
-    and GQA 3, empty and odd-length sequences, lq != lk, head dim 40."""
-    from nvlm_kernels.ops.varlen_attention import split_group_enabled
-
-    monkeypatch.setenv("NVLM_KERNELS_SPLIT_GROUP", "1")
-    if variant:
-        monkeypatch.setenv(variant, "1")
-    assert split_group_enabled()
-    inputs = pack([1, 7, 0, 40, 65], [3, 7, 5, 33, 65], 14, 2, 40, torch.float32, device, causal)
-    assert_matches_reference(OP, inputs, triton_backend)
-    inputs = pack([45, 70], [45, 70], 3, 1, 64, torch.float16, device, causal)
     assert_matches_reference(OP, inputs, triton_backend)
 
 
@@ -138,7 +99,7 @@ def test_long_pack(triton_backend, device):
     assert_matches_reference(OP, inputs, triton_backend)
 
 
-def test_packed_equals_each_sequence_alone(triton_backend, device):
+def test_packed_equals_each_sequence_alone(triton_backend, device, candidate):
     lengths = [5, 0, 33, 17]
     inputs = pack(lengths, lengths, 4, 2, 64, torch.float32, device, True)
     with nk.use_backend(triton_backend):
@@ -154,7 +115,7 @@ def test_packed_equals_each_sequence_alone(triton_backend, device):
             start += length
 
 
-def test_non_contiguous_inputs(triton_backend, device):
+def test_non_contiguous_inputs(triton_backend, device, candidate):
     lengths = [6, 11]
     q = torch.randn(17, 64, 4, device=device).transpose(1, 2)          # (17, 4, 64), strided
     kv = torch.randn(17, 2, 2, 64, device=device)
@@ -183,7 +144,7 @@ def test_double_backward_is_refused(triton_backend, device):
         torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
 
 
-def test_torch_compile_without_graph_breaks(triton_backend, device):
+def test_torch_compile_without_graph_breaks(triton_backend, device, candidate):
     inputs = pack([3, 9], [3, 9], 2, 1, 32, torch.float32, device, True)
     for name in ("q", "k", "v"):
         inputs[name].requires_grad_(True)

@@ -25,6 +25,7 @@ only when causal; cross-attention's dK/dV always masks (its rows' ranges vary pe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 
@@ -285,6 +286,8 @@ DELTA_ROWS = 32
 # were chosen by the compile gate (registers, spills, wgmma), not yet by timing on a card.
 
 INTERPRETER_CONFIG = (32, 32, 4, 1)
+# Tiles every launch uses while forced_tiles() is active: (arch, option).
+_forced_tiles: list[tuple[str, int] | None] = [None]
 
 # Shared memory per forward program: Q (BM x D) + stages x (K + V) (BN x D), 2-byte elements.
 # sm90 forward d=128: 32 KB + 3 x 32 KB = 128 KB of 227 KB. fp32 inputs (IEEE dots) get smaller
@@ -360,14 +363,14 @@ def shipped_configs() -> Iterator[tuple[tuple[str, str, int, str], int, tuple[in
 
 
 @functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> str:
+def device_arch(device: torch.device) -> str:
     """The config table's arch of a CUDA device, asked once per device (not per launch)."""
     return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
 
 
 def config_key(device: torch.device, head_dim_padded: int, kind: str,
                dtype: torch.dtype) -> tuple[str, str, int, str]:
-    arch = _arch(device)
+    arch = device_arch(device)
     width = "fp32" if dtype == torch.float32 else "16bit"
     return arch, kind, min(head_dim_padded, 256), width
 
@@ -375,10 +378,45 @@ def config_key(device: torch.device, head_dim_padded: int, kind: str,
 def candidates(device: torch.device, head_dim_padded: int, kind: str,
                dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
     """The shipped configuration first, then its alternatives (the interpreter has one)."""
+    if _forced_tiles[0] is not None:
+        return (_forced_config(device, head_dim_padded, kind, dtype),)
     if device.type != "cuda":
         return (INTERPRETER_CONFIG,)
     key = config_key(device, head_dim_padded, kind, dtype)
     return (CONFIGS[key],) + ALTERNATIVES.get(key, ())
+
+
+def _forced_config(device: torch.device, head_dim_padded: int, kind: str,
+                   dtype: torch.dtype) -> tuple[int, int, int, int]:
+    arch, option = _forced_tiles[0]
+    if device.type == "cuda":
+        key = config_key(device, head_dim_padded, kind, dtype)
+        if key[0] != arch:
+            raise ValueError(f"forced_tiles({arch!r}) on a {key[0]} device: its tiles may not "
+                             f"fit this card; force the device's own arch")
+    else:   # the interpreter checks block arithmetic only: the 16-bit tiles have the options
+        key = (arch, kind, min(head_dim_padded, 256), "16bit")
+    options = (CONFIGS[key],) + ALTERNATIVES.get(key, ())
+    return options[min(option, len(options) - 1)]
+
+
+@contextlib.contextmanager
+def forced_tiles(arch: str, option: int = 0) -> Iterator[None]:
+    """Inside the block every attention launch uses `arch`'s configuration ("sm90" or "sm80"):
+    its table entry (option 0) or its tuner alternative `option` (the last one where a kernel
+    has fewer), untimed. Under the interpreter it takes the 16-bit tiles whatever the dtype: its
+    own tiles are square and small, so this is how the block arithmetic of every tile a card
+    can launch (128-key blocks, 16-row steps, M != N) is checked on the CPU. On a GPU it checks
+    the alternatives the tuner may pick; `arch` must then be the device's."""
+    if arch not in ("sm90", "sm80") or option < 0:
+        raise ValueError(f"forced_tiles: arch must be 'sm90' or 'sm80' and option >= 0; got "
+                         f"{arch!r}, {option}")
+    previous = _forced_tiles[0]
+    _forced_tiles[0] = (arch, option)
+    try:
+        yield
+    finally:
+        _forced_tiles[0] = previous
 
 
 def launch_tuned(op: str, variant: object, device: torch.device, head_dim_padded: int,

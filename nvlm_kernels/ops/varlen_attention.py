@@ -290,6 +290,15 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, d
                    dq * softmax_scale, (rows < q_len)[:, None] & dim_mask[None, :])
 
 
+# The backward candidates beside the default, each named as its benchmark rows ("triton_" +
+# name), with the environment switches it sets. "kq_split_group" is the combination whose
+# programs also skip the mask below the causal diagonal (INTERIOR_UNMASKED).
+BACKWARD_VARIANTS = {"atomic_dq": ("NVLM_KERNELS_ATOMIC_DQ",),
+                     "kq": ("NVLM_KERNELS_KEYS_ON_M",),
+                     "split_group": ("NVLM_KERNELS_SPLIT_GROUP",),
+                     "kq_split_group": ("NVLM_KERNELS_KEYS_ON_M", "NVLM_KERNELS_SPLIT_GROUP")}
+
+
 def keys_on_m_enabled() -> bool:
     """NVLM_KERNELS_KEYS_ON_M=1: the dK/dV pass in the keys-on-M orientation (S^T = K Q^T;
     _attention_core.dkdv_step_keys_on_m) with its own tiles (CONFIGS' "bwd_dkdv_kq"), a
