@@ -407,7 +407,8 @@ def _text_ids(rows: int, tokens: int, vocab: int, distribution: str,
 
 
 def _multimodal_embed_case(rows: int, tokens: int, vocab: int, width: int,
-                           image_fraction: float = 0.4, ids: str = "uniform") -> MemoryCase:
+                           image_fraction: float = 0.4, ids: str = "uniform",
+                           sparse_grad: bool = False) -> MemoryCase:
     image_token = vocab - 1
     distribution = ids
 
@@ -422,23 +423,27 @@ def _multimodal_embed_case(rows: int, tokens: int, vocab: int, width: int,
 
     def eager(ids, table, images):
         is_image = ids == image_token
-        text = F.embedding(ids.masked_fill(is_image, 0), table)
+        text = F.embedding(ids.masked_fill(is_image, 0), table, sparse=sparse_grad)
         return text.masked_scatter(is_image.unsqueeze(-1), images)
 
     def nbytes(dtype):
         row_bytes = rows * tokens * width * dtype.itemsize
         # forward: read one row per token (table or image), write it; backward: read grad, write
-        # image and table rows, and zero the rest of the (dense) table gradient. That memset
-        # (V x width: 2.5 GB at 72B's 152064 x 8192 bf16) dwarfs the rows both sides move, so
-        # forward + backward cannot beat eager by more than ~1.2-1.3x whatever the kernel does;
-        # a sparse or accumulate-into-.grad table gradient would move that cap (not built).
-        return {"forward": 2 * row_bytes,
-                "forward+backward": 4 * row_bytes + vocab * width * dtype.itemsize}
+        # image and table rows. The dense table gradient also zeroes the rest of the table:
+        # that memset (V x width: 2.5 GB at 72B's 152064 x 8192 bf16) dwarfs the rows both sides
+        # move, so dense forward + backward cannot beat eager by more than ~1.2-1.3x whatever
+        # the kernel does. sparse_grad (nvlm_kernels/_sparse_embedding.py) makes no (V, D)
+        # tensor: its rows ("-sparse") are the traffic of the tokens alone, eager's as
+        # F.embedding(sparse=True).
+        table_memset = 0 if sparse_grad else vocab * width * dtype.itemsize
+        return {"forward": 2 * row_bytes, "forward+backward": 4 * row_bytes + table_memset}
 
-    suffix = "" if distribution == "uniform" else f"-{distribution}"
+    suffix = ("" if distribution == "uniform" else f"-{distribution}") + (
+        "-sparse" if sparse_grad else "")
+    fixed = {"image_token_id": image_token, **({"sparse_grad": True} if sparse_grad else {})}
     return MemoryCase("multimodal_embed", f"{rows}x{tokens}x{width}{suffix}",
-                      ("input_ids", "embed_weight", "image_embeds"),
-                      {"image_token_id": image_token}, inputs, eager, (1, 2), nbytes)
+                      ("input_ids", "embed_weight", "image_embeds"), fixed, inputs, eager, (1, 2),
+                      nbytes)
 
 
 def memory_cases(size: str, device: str) -> list[MemoryCase]:
@@ -446,8 +451,10 @@ def memory_cases(size: str, device: str) -> list[MemoryCase]:
     Qwen2-0.5B, so the fp32 table fits); "tiny": the same ops at dry-run sizes."""
     if size == "tiny":
         return [_pixel_shuffle_case(3, 16, 24), _pixel_shuffle_case(3, 16, 24, layernorm=True),
-                _multimodal_embed_case(2, 23, 50, 40), _multimodal_embed_case(2, 23, 50, 40, ids="sft")]
+                _multimodal_embed_case(2, 23, 50, 40), _multimodal_embed_case(2, 23, 50, 40, ids="sft"),
+                _multimodal_embed_case(2, 23, 50, 40, ids="sft", sparse_grad=True)]
     width = 8192 if device == "cuda" else 896
     return [_pixel_shuffle_case(7, 1024, 3200), _pixel_shuffle_case(7, 1024, 3200, layernorm=True),
             _multimodal_embed_case(8, 4096, 152064, width),
-            _multimodal_embed_case(8, 4096, 152064, width, ids="sft")]
+            _multimodal_embed_case(8, 4096, 152064, width, ids="sft"),
+            _multimodal_embed_case(8, 4096, 152064, width, ids="sft", sparse_grad=True)]

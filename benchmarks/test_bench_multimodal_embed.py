@@ -4,7 +4,9 @@ vocabulary 152064 (Qwen2), width 8192 on the GPU (72B) and 896 on the CPU (Qwen2
 fp32 table fits in memory); text ids uniform over the table ("uniform") or as SFT batches have
 them ("sft": Zipf-like plus three template ids repeated ~2,000 times each, the table gradient's
 long runs). Forward + backward pays the dense table gradient's memset, which caps the speed-up
-over eager near 1.2-1.3x (both sides pay it; cases._multimodal_embed_case)."""
+over eager near 1.2-1.3x (both sides pay it; cases._multimodal_embed_case); "sft-sparse" takes
+the table gradient sparse (sparse_grad=True; eager: F.embedding(sparse=True)), which makes no
+(V, D) tensor."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from bench_utils import IMPLEMENTATIONS, bench_memory_op
 OP = "multimodal_embed"
 
 
-IDS = {"uniform": 0, "sft": 1}   # index among the op's cases.memory_cases
+IDS = {"uniform": 0, "sft": 1, "sft-sparse": 2}   # index among the op's cases.memory_cases
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends, _validate
+from ._sparse_embedding import multimodal_embed_sparse_grad
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int = 2,
@@ -44,7 +45,8 @@ def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
-                     image_embeds: torch.Tensor, image_token_id: int) -> torch.Tensor:
+                     image_embeds: torch.Tensor, image_token_id: int, *,
+                     sparse_grad: bool = False) -> torch.Tensor:
     """Token embeddings with the image rows written over the image placeholders.
 
     Args:
@@ -54,12 +56,22 @@ def multimodal_embed(input_ids: torch.Tensor, embed_weight: torch.Tensor,
         image_embeds: `(M, D)`, M = number of placeholders; row m fills the m-th placeholder in
             row-major order of input_ids.
         image_token_id: the placeholder id (it need not be a row of the table).
+        sparse_grad: give embed_weight's gradient as an uncoalesced sparse COO tensor, as
+            nn.Embedding(sparse=True) does: no (V, D) gradient is made, and autograd adds it
+            into an existing dense `.grad` touching only the tokens' rows (else `.grad` becomes
+            sparse: SGD, SparseAdam and Adagrad take it, AdamW does not). Eager mode only
+            (torch.compile does not trace sparse gradients).
     Returns:
         `(..., D)`: embed_weight[id] at text positions, the next image row at placeholders.
     """
     _validate.multimodal_embed_args(input_ids, embed_weight, image_embeds, image_token_id)
-    return _backends.implementation("multimodal_embed", embed_weight)(
-        input_ids, embed_weight, image_embeds, image_token_id)
+    if not isinstance(sparse_grad, bool):
+        raise TypeError(f"sparse_grad must be a bool, got {type(sparse_grad).__name__}")
+    forward = _backends.implementation("multimodal_embed", embed_weight)
+    if sparse_grad:
+        return multimodal_embed_sparse_grad(forward, input_ids, embed_weight, image_embeds,
+                                            image_token_id)
+    return forward(input_ids, embed_weight, image_embeds, image_token_id)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -170,3 +170,83 @@ def test_native_opcheck(device):
     torch.library.opcheck(torch.ops.nvlm_kernels.multimodal_embed.default, (ids, table, images, 10))
     torch.library.opcheck(torch.ops.nvlm_kernels.multimodal_embed_backward.default,
                           (torch.randn(3, 7, 6, device=device), ids, 10, images.shape[0], 10))
+
+
+SPARSE_BACKENDS = ["torch", "native", pytest.param("triton", marks=pytest.mark.triton_interpret)]
+
+
+@pytest.mark.parametrize("sparse_backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_sparse_table_gradient(device, sparse_backend, dtype):
+    """sparse_grad=True: the table gradient is an uncoalesced sparse tensor (one entry per token)
+    whose sum is the dense gradient, image gradients unchanged; runs of one id, a placeholder
+    inside the table, int32 ids, (2, 3, 29) ids."""
+    if backend_unavailable_reason(sparse_backend, OP, device, dtype):
+        pytest.skip(f"no {sparse_backend} {OP} for {device} {dtype}")
+    ids = random_ids((2, 3, 29), 23, 0.3, image_id=17, dtype=torch.int32)
+    ids[1, 2, :12] = 4                                           # a run of one id
+    inputs = embed_inputs(ids, 23, 40, dtype, device, image_id=17)
+    table = inputs["embed_weight"].requires_grad_(True)
+    images = inputs["image_embeds"].requires_grad_(True)
+    grad_out = torch.randn(2, 3, 29, 40).to(device, dtype)
+    with nk.use_backend(sparse_backend):
+        out = nk.multimodal_embed(**inputs, sparse_grad=True)
+    grad_table, grad_images = torch.autograd.grad(out, (table, images), grad_out)
+    table64, images64 = (t.detach().double().requires_grad_(True) for t in (table, images))
+    expected = nk.reference.multimodal_embed(ids.to(device), table64, images64, 17)
+    want_table, want_images = torch.autograd.grad(expected, (table64, images64), grad_out.double())
+    assert grad_table.is_sparse and grad_table._nnz() == ids.numel()
+    tolerance = 1e-2 if dtype == torch.float16 else 1e-5   # to_dense sums a run in `dtype`
+    for got, want in ((out, expected), (grad_table.to_dense(), want_table),
+                      (grad_images, want_images)):
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+
+
+def test_sparse_gradient_accumulates_into_dense_grad(device):
+    """With a dense .grad already there (a tied output layer, accumulation, zero_grad without
+    set_to_none) autograd adds the sparse gradient into it and .grad stays dense; with none it
+    becomes sparse, and SGD then takes the same step as the dense gradient would."""
+    ids = random_ids((4, 15), 30, 0.25, image_id=30).to(device)
+    inputs = embed_inputs(ids, 30, 8, torch.float32, device, image_id=30)
+    grad_out = torch.randn(4, 15, 8, device=device)
+    dense, sparse = (inputs["embed_weight"].clone().requires_grad_(True) for _ in range(2))
+    nk.multimodal_embed(ids, dense, inputs["image_embeds"], 30).backward(grad_out)
+    earlier = torch.randn_like(dense)
+    sparse.grad = earlier.clone()
+    nk.multimodal_embed(ids, sparse, inputs["image_embeds"], 30, sparse_grad=True).backward(grad_out)
+    assert not sparse.grad.is_sparse
+    torch.testing.assert_close(sparse.grad, earlier + dense.grad)
+
+    sparse.grad = None
+    nk.multimodal_embed(ids, sparse, inputs["image_embeds"], 30, sparse_grad=True).backward(grad_out)
+    assert sparse.grad.is_sparse
+    for parameter in (dense, sparse):
+        torch.optim.SGD([parameter], lr=0.1).step()
+    torch.testing.assert_close(sparse, dense)
+
+
+def test_sparse_gradient_with_bad_contents(backend, device, require_backend):
+    """Unvalidated contents (a GPU without NVLM_KERNELS_DEBUG): ids outside the table and an
+    image row without a placeholder get no gradient, as the forward read them as zero rows."""
+    require_backend(OP, torch.float32)
+    from nvlm_kernels._sparse_embedding import multimodal_embed_sparse_grad
+
+    op = {"native": torch.ops.nvlm_kernels.multimodal_embed,
+          "triton": torch.ops.nvlm_triton.multimodal_embed}[backend]
+    table = torch.randn(4, 8, device=device, requires_grad=True)
+    images = torch.randn(2, 8, device=device, requires_grad=True)   # one placeholder, two rows
+    ids = torch.tensor([1, -5, 4, 1000, 7, 2, 1], device=device)
+    out = multimodal_embed_sparse_grad(op, ids, table, images, 7)
+    grad_out = torch.randn_like(out)
+    grad_table, grad_images = torch.autograd.grad(out, (table, images), grad_out)
+    expected_table = torch.zeros(4, 8, device=device)
+    expected_table[1] = grad_out[0] + grad_out[6]
+    expected_table[2] = grad_out[5]
+    torch.testing.assert_close(grad_table.to_dense(), expected_table)
+    torch.testing.assert_close(grad_images, torch.stack([grad_out[4], torch.zeros(8, device=device)]))
+
+
+def test_sparse_grad_must_be_a_bool(device):
+    inputs = embed_inputs(random_ids((5,), 9, 0.0), 9, 4, torch.float32, device)
+    with pytest.raises(TypeError, match="sparse_grad must be a bool"):
+        nk.multimodal_embed(**inputs, sparse_grad=1)
