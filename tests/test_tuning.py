@@ -133,3 +133,29 @@ def test_every_alternative_is_a_compile_gate_spec():
         for op in ops:
             assert any(name.startswith(f"{op}_{kind}[{arch},d={padded},")
                        and name.endswith(f"{dtype},alt{index}]") for name in names), (op, kind)
+
+
+def test_forced_tiles_replace_the_candidates_of_every_launch():
+    """forced_tiles(arch, option): the table entry or the option-th alternative (the last one
+    where a kernel has fewer), 16-bit tiles on the interpreter whatever the dtype; restored on
+    exit, also nested; a bad arch or option is refused by name."""
+    from nvlm_kernels.ops._attention_core import INTERPRETER_CONFIG, candidates, forced_tiles
+
+    cpu = torch.device("cpu")
+    assert candidates(cpu, 128, "fwd", torch.float32) == (INTERPRETER_CONFIG,)
+    with forced_tiles("sm90"):
+        assert candidates(cpu, 128, "fwd", torch.float32) == (CONFIGS[("sm90", "fwd", 128, "16bit")],)
+        with forced_tiles("sm90", 2):
+            dq = ALTERNATIVES[("sm90", "bwd_dq", 128, "16bit")]
+            assert candidates(cpu, 128, "bwd_dq", torch.float16) == (dq[1],)
+            assert candidates(cpu, 128, "fwd", torch.float16) == (
+                ALTERNATIVES[("sm90", "fwd", 128, "16bit")][-1],)
+        assert candidates(cpu, 64, "bwd_dkdv_kq", torch.float16) == (
+            CONFIGS[("sm90", "bwd_dkdv_kq", 64, "16bit")],)
+    with forced_tiles("sm80", 1):
+        assert candidates(cpu, 256, "bwd_dkdv", torch.float16) == (
+            CONFIGS[("sm80", "bwd_dkdv", 256, "16bit")],)
+    assert candidates(cpu, 128, "fwd", torch.float32) == (INTERPRETER_CONFIG,)
+    for arch, option in (("sm75", 0), ("sm90", -1)):
+        with pytest.raises(ValueError, match="forced_tiles"), forced_tiles(arch, option):
+            pass
