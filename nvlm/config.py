@@ -80,6 +80,8 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
+        _require_positive("vision", self, "image_size", "patch_size", "hidden_size", "num_layers",
+                          "num_heads", "intermediate_size")
         _require(self.image_size % self.patch_size == 0, "vision.image_size",
                  f"a multiple of patch_size {self.patch_size}", self.image_size)
         _require(self.hidden_size % self.num_heads == 0, "vision.hidden_size",
@@ -110,12 +112,13 @@ class LLMConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self) -> None:
+        _require_positive("llm", self, "vocab_size", "hidden_size", "num_layers", "num_heads",
+                          "num_kv_heads", "intermediate_size")
         _require(self.hidden_size % self.num_heads == 0, "llm.hidden_size",
                  f"a multiple of num_heads {self.num_heads}", self.hidden_size)
         _require(self.num_heads % self.num_kv_heads == 0, "llm.num_heads",
                  f"a multiple of num_kv_heads {self.num_kv_heads}", self.num_heads)
         _require(self.head_dim % 2 == 0, "llm.head_dim", "even (RoPE rotates pairs)", self.head_dim)
-        _require(self.num_layers >= 1, "llm.num_layers", ">= 1", self.num_layers)
 
 
 @dataclass
@@ -227,6 +230,12 @@ class NVLMConfig:
 def _require(ok: bool, name: str, expected: str, got: Any) -> None:
     if not ok:
         raise InputError(f"{name}: expected {expected}, got {got!r}")
+
+
+def _require_positive(section: str, config: Any, *names: str) -> None:
+    """Sizes checked before anything divides by them (a 0 would be a ZeroDivisionError)."""
+    for name in names:
+        _require(getattr(config, name) >= 1, f"{section}.{name}", ">= 1", getattr(config, name))
 
 
 def _dataclass_from_dict(cls, data: dict[str, Any], where: str):

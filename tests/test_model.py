@@ -333,3 +333,13 @@ def test_bad_inputs_raise_clear_errors():
         model(ids[None], torch.randn(2, 3, 56, 56), labels=ids)
     with pytest.raises(ValueError, match="xattn_layers"):
         dataclasses.replace(small_config(), xattn_layers=(0,)).validate()
+
+
+@pytest.mark.parametrize("section,field", [("vision", "num_heads"), ("vision", "patch_size"),
+                                           ("llm", "num_heads"), ("llm", "num_kv_heads"),
+                                           ("llm", "vocab_size")])
+def test_zero_sizes_are_refused_by_name(section, field):
+    """A size that other checks divide by is refused before any division, naming the field."""
+    config = {"vision": VISION, "llm": LLM}[section]
+    with pytest.raises(ValueError, match=f"{section}.{field}: expected >= 1, got 0"):
+        dataclasses.replace(config, **{field: 0}).validate()
