@@ -22,8 +22,8 @@ from nvlm_kernels.ops.varlen_attention import BACKWARD_VARIANTS
 from nvlm_kernels.testing import interpreter_safe_dtypes
 
 SWITCHES = sorted({switch for switches in BACKWARD_VARIANTS.values() for switch in switches})
-_SHORT = {"NVLM_KERNELS_ATOMIC_DQ": "atomic_dq", "NVLM_KERNELS_KEYS_ON_M": "kq",
-          "NVLM_KERNELS_SPLIT_GROUP": "split_group"}
+# each switch by the name of the variant that sets it alone ("atomic_dq", "kq", "split_group")
+_SHORT = {switches[0]: name for name, switches in BACKWARD_VARIANTS.items() if len(switches) == 1}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Candidate:
             yield
 
 
-_ATOMIC, _KQ, _SPLIT = "NVLM_KERNELS_ATOMIC_DQ", "NVLM_KERNELS_KEYS_ON_M", "NVLM_KERNELS_SPLIT_GROUP"
+_ATOMIC, _KQ, _SPLIT = (BACKWARD_VARIANTS[name][0] for name in ("atomic_dq", "kq", "split_group"))
 
 # sm_90's tiles at option 0 (the table), 1 and 2 (the tuner's alternatives; a kernel with fewer
 # takes its last), each beside the backward form it most changes; sm_80's table once.
