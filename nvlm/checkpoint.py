@@ -487,9 +487,6 @@ def _saved_config(section: Any) -> NVLMConfig:
         return NVLMConfig.from_dict(section)
     except ValueError as error:
         raise InputError(f"{where}: {error}") from error
-    except ZeroDivisionError as error:    # validate() divides by sizes before it checks them
-        raise InputError(f"{where}: one of vision.num_heads, vision.patch_size, llm.num_heads, "
-                         f"llm.num_kv_heads is 0 ({error})") from error
 
 
 def _check_field_types(section: Any, cls: type, where: str) -> None:

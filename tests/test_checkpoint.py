@@ -736,3 +736,11 @@ def test_wrong_saved_config_types_name_the_field(tmp_path, field, value):
     _edit_config_json(tmp_path, edit)
     with pytest.raises(ValueError, match=re.escape(f"nvlm_config.{field}")):
         NVLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("part, field", [("vision", "num_heads"), ("llm", "num_kv_heads")])
+def test_zero_sizes_in_a_saved_config_name_the_field(tmp_path, part, field):
+    _model(VARIANTS["tiny"]).save_pretrained(tmp_path)
+    _edit_config_json(tmp_path, lambda data: data["nvlm_config"][part].update({field: 0}))
+    with pytest.raises(ValueError, match=re.escape(f"nvlm_config: {part}.{field}: expected >= 1")):
+        NVLM.from_pretrained(tmp_path)
