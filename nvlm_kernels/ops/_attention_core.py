@@ -336,8 +336,9 @@ CONFIGS = {
 
 # Alternatives the opt-in tuner (nvlm_kernels/_tuning.py) times against the entry above, where the
 # compile gate left more than one good tile: sm_90, 16-bit, head dims 128 (the ViT's and the
-# large LLMs') and 64 (Qwen2-0.5B's), each free of spills on triton 3.6 and 3.9. The compile gate
-# builds them all. Tried and left out, sm_90 bf16, triton 3.9 (2026-11-28): forward d = 128 at
+# large LLMs') and 64 (Qwen2-0.5B's), each free of spills on triton 3.9 (on 3.6, the GPU image's,
+# the keys-on-M d = 128 alternative spills 8 bytes with atomic dQ: docs/results.md, section 6).
+# The compile gate builds them all. Tried and left out, sm_90 bf16, triton 3.9 (2026-11-28): forward d = 128 at
 # 128 x 128 / 8 warps (56 bytes of spills at 255 registers, 160 KB of shared memory) and 128 x 64
 # / 4 warps (336-360 bytes); the default-orientation dK/dV with 128-key blocks (64 x 128 / 8
 # warps: 24 bytes at d = 64, 96 with atomic dQ; 488-832 at d = 128). A 128-key atomic-dQ
