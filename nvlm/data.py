@@ -268,6 +268,34 @@ class JsonlSource:
         return self.image_root / name
 
 
+class SourceMixture:
+    """A seeded, weighted choice among JSONL sources, one record at a time. Its state (the
+    generator, each source's place, the records read) resumes the sequence exactly."""
+
+    def __init__(self, specs: Sequence[DataSpec], seed: int, image_root: Path | None,
+                 skips: SkipCounter, **source_options: Any) -> None:
+        self.sources = [JsonlSource(s.path, image_root, skips, **source_options) for s in specs]
+        self.weights = [s.weight for s in specs]
+        self.rng = random.Random(seed)
+        self.records_read = 0
+
+    def next_record(self) -> Record:
+        source = self.rng.choices(self.sources, weights=self.weights)[0]
+        record = source.next_record()
+        self.records_read += 1
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "sources": [s.state_dict() for s in self.sources],
+                "records_read": self.records_read}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(as_tuple(state["rng"]))
+        for source, source_state in zip(self.sources, state["sources"], strict=True):
+            source.load_state_dict(source_state)
+        self.records_read = state["records_read"]
+
+
 class SampleStream:
     """Weighted, seeded mixture of JSONL sources turned into ProcessedSamples."""
 
@@ -278,22 +306,17 @@ class SampleStream:
             check_max_tiles(max_tiles)
         self.skips = SkipCounter()
         max_line_bytes = max(MIN_LINE_BYTES, LINE_BYTES_PER_TOKEN * max_len)
-        self.sources = [JsonlSource(s.path, image_root, self.skips, max_line_bytes=max_line_bytes)
-                        for s in specs]
-        self.weights = [s.weight for s in specs]
+        self.mixture = SourceMixture(specs, seed, image_root, self.skips,
+                                     max_line_bytes=max_line_bytes)
         self.processor, self.max_len, self.max_tiles = processor, max_len, max_tiles
-        self.rng = random.Random(seed)
-        self.records_read, self.samples_out = 0, 0
+        self.samples_out = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "sources": [s.state_dict() for s in self.sources],
-                "records_read": self.records_read, "samples_out": self.samples_out}
+        return {**self.mixture.state_dict(), "samples_out": self.samples_out}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(as_tuple(state["rng"]))
-        for source, source_state in zip(self.sources, state["sources"], strict=True):
-            source.load_state_dict(source_state)
-        self.records_read, self.samples_out = state["records_read"], state["samples_out"]
+        self.mixture.load_state_dict(state)
+        self.samples_out = state["samples_out"]
 
     def __iter__(self) -> "SampleStream":
         return self
@@ -301,9 +324,7 @@ class SampleStream:
     def __next__(self) -> ProcessedSample:
         while True:
             self._check_mostly_skipped()
-            source = self.rng.choices(self.sources, weights=self.weights)[0]
-            record = source.next_record()
-            self.records_read += 1
+            record = self.mixture.next_record()
             try:
                 # The processor decodes the images one at a time, none if their headers show
                 # they cannot fit a row.
@@ -323,9 +344,10 @@ class SampleStream:
 
     def _check_mostly_skipped(self) -> None:
         # Usually a wrong --image-root (every image missing) or a row shorter than the samples.
-        skipped = self.records_read - self.samples_out
-        if self.records_read >= _BAD_LINE_CHECK_AFTER and skipped * 2 > self.records_read:
-            raise InputError(f"{skipped} of the first {self.records_read} samples were unusable "
+        records_read = self.mixture.records_read
+        skipped = records_read - self.samples_out
+        if records_read >= _BAD_LINE_CHECK_AFTER and skipped * 2 > records_read:
+            raise InputError(f"{skipped} of the first {records_read} samples were unusable "
                              f"({dict(self.skips.counts)}); check the image paths (--image-root) "
                              "and the row length (--seq-len)")
 

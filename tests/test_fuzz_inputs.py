@@ -230,7 +230,7 @@ def test_mutated_jsonl_lines_are_skipped_or_valid(tmp_path, caplog):
         sample = next(stream)
         elapsed = time.perf_counter() - start
         assert elapsed < TIME_PER_CASE_S, f"case {case}: {elapsed:.1f} s for {mutated[:200]!r}"
-        line_of_sample = stream.sources[0].line
+        line_of_sample = stream.mixture.sources[0].line
         skips = stream.skips.total()
         if line_of_sample == 1:                   # the mutated line made a sample
             assert skips == 0, (case, mutated[:200])

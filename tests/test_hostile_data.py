@@ -140,7 +140,7 @@ def test_overlong_line_is_skipped_unread_and_untokenized(tmp_path, monkeypatch):
     assert max(longest) < 1000                # the 5 MB text never reached the tokenizer
     assert peak < 3_000_000, f"peak {peak} bytes: the long line was read whole"
     # The byte offset is past the long line: a resumed stream goes on after it.
-    source = stream.sources[0]
+    source = stream.mixture.sources[0]
     assert source.line == 6 and source.offset == path.stat().st_size
 
 

@@ -22,7 +22,6 @@ the end of the stage; the model keeps no trace of them.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +33,7 @@ from torch import nn
 import nvlm_kernels
 
 from ..config import NVLMConfig
-from ..data import DataSpec, JsonlSource, SkipCounter, as_tuple
+from ..data import DataSpec, SkipCounter, SourceMixture
 from ..distributed import World
 from ..errors import InputError
 from ..images import dynamic_tiles, image_to_tensor, load_image, tile_boxes
@@ -131,22 +130,18 @@ class GlyphStream:
     def __init__(self, specs: Sequence[DataSpec], config: NVLMConfig, max_tiles: int, seed: int,
                  image_root: Path | None = None) -> None:
         self.skips = SkipCounter()
-        self.sources = [JsonlSource(s.path, image_root, self.skips, extra_fields=("glyphs",))
-                        for s in specs]
-        self.weights = [s.weight for s in specs]
+        self.mixture = SourceMixture(specs, seed, image_root, self.skips,
+                                     extra_fields=("glyphs",))
+        self.rng = self.mixture.rng   # one generator: the empty-tile draws resume with it
         self.config, self.max_tiles = config, max_tiles
-        self.rng = random.Random(seed)
-        self.records_read, self.images_used = 0, 0
+        self.images_used = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "sources": [s.state_dict() for s in self.sources],
-                "records_read": self.records_read, "images_used": self.images_used}
+        return {**self.mixture.state_dict(), "images_used": self.images_used}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(as_tuple(state["rng"]))
-        for source, source_state in zip(self.sources, state["sources"], strict=True):
-            source.load_state_dict(source_state)
-        self.records_read, self.images_used = state["records_read"], state["images_used"]
+        self.mixture.load_state_dict(state)
+        self.images_used = state["images_used"]
 
     def next_batch(self, num_tiles: int) -> GlyphBatch:
         tiles, ordinals, chars = [], [], []
@@ -162,13 +157,11 @@ class GlyphStream:
 
     def _next_image(self):
         while True:
-            if self.records_read >= 64 and self.images_used == 0:
+            if self.mixture.records_read >= 64 and self.images_used == 0:
                 raise InputError("stage 'vision' found no line with 'glyphs' and one image in "
-                                 f"the first {self.records_read} lines of its data; it needs "
-                                 "glyph boxes (see nvlm.demo.synth)")
-            source = self.rng.choices(self.sources, weights=self.weights)[0]
-            record = source.next_record()
-            self.records_read += 1
+                                 f"the first {self.mixture.records_read} lines of its data; it "
+                                 "needs glyph boxes (see nvlm.demo.synth)")
+            record = self.mixture.next_record()
             glyphs = record.extra.get("glyphs")
             if glyphs is None or len(record.images) != 1:
                 continue
