@@ -436,10 +436,10 @@ def _check_triton(ctx: Context, op: str, case: str, dtype, make: Callable[[], di
     the attention tuner's alternative tiles too. FA2's error beside the default's. The inputs
     are made once, inside the guard (a failure there is a row too)."""
     from bench_utils import TILE_OPTIONS, TRITON_VARIANTS, triton_mode  # noqa: PLC0415
-    from nvlm_kernels.testing import compare_with_reference  # noqa: PLC0415
+    from nvlm_kernels.testing import ATTENTION_OPS, compare_with_reference  # noqa: PLC0415
 
     labels = ["triton"] + (list(TRITON_VARIANTS) if op == "varlen_attention" else [])
-    if tiles and op in ("varlen_attention", "cross_attention"):
+    if tiles and op in ATTENTION_OPS:
         labels += list(TILE_OPTIONS)
     inputs = None
     for label in labels:

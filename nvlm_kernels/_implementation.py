@@ -15,6 +15,7 @@ import torch
 OPS = ("pixel_shuffle", "pixel_shuffle_layernorm", "multimodal_embed", "varlen_attention",
        "cross_attention")
 
+
 @dataclass(frozen=True)
 class Implementation:
     """One backend's implementation of one op; `supports` returns None or why it cannot run."""

@@ -24,4 +24,3 @@ def triton_implementations() -> dict[str, Implementation]:
     """The triton backend: every op, from the module of the same name in this package."""
     return {op: Implementation(getattr(importlib.import_module(f"{__name__}.{op}"), op),
                                _kernel_dtypes) for op in OPS}
-
